@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""ComfyUI bridge: a small, stable API in front of one or more unmodified ComfyUI servers.
+
+    python bridge.py                 # settings from .env and the environment
+    python bridge.py --demo          # two simulated ComfyUI backends in this process
+    python bridge.py --help          # every option
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tornado import httpserver, web
+from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_sockets
+
+import handlers
+from balancer.hub import StatusHub
+from balancer.service import JobService
+from settings import Settings, SettingsError, add_arguments, load_settings, overrides_from_args
+from storage.catalog import WorkflowCatalog
+from storage.results import ResultStore
+from storage.state import StateFile
+from storage.uploads import UploadStore
+
+log = logging.getLogger("bridge")
+ROOT = Path(__file__).resolve().parent
+SWEEP_INTERVAL = 60.0
+_SECRET_QUERY = re.compile(r"(?i)((?:token|api_key|key)=)[^&\s]*")
+
+
+def scrub(text: str) -> str:
+    """Keys in URLs never reach the logs."""
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def log_request(handler: web.RequestHandler) -> None:
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    request = handler.request
+    client = request.query_arguments.get("clientId", [b"-"])[0].decode(errors="replace")[:128]
+    logging.getLogger("bridge.access").log(
+        level, "%s %s %d %.1fms clientId=%s", request.method, scrub(request.path), status,
+        1000.0 * request.request_time(), client)
+
+
+class Bridge:
+    """Every long-lived object, built once; `start()` listens, `stop()` shuts down cleanly."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state = StateFile(settings.current_state)
+        self.catalog = WorkflowCatalog(settings.workflow_dir, settings.workflow_alias)
+        self.uploads = UploadStore(settings.uploads_dir, settings.upload_max_bytes)
+        self.results = ResultStore(settings.results_dir)
+        self.hub = StatusHub(settings.heartbeat_interval)
+        self.service = JobService(settings, self.catalog, self.uploads, self.results, self.state, self.hub)
+        self.app = web.Application(
+            handlers.all_routes(str(ROOT / "static")),
+            default_handler_class=handlers.NotFoundHandler,
+            config=settings, service=self.service, catalog=self.catalog, uploads=self.uploads,
+            hub=self.hub, state=self.state,
+            log_function=log_request,
+            websocket_ping_interval=20, websocket_ping_timeout=20,
+            websocket_max_message_size=64 * 1024,
+        )
+        self.server: httpserver.HTTPServer | None = None
+        self.port: int | None = None
+        self._sweeper: PeriodicCallback | None = None
+
+    async def start(self, port: int | None = None, host: str | None = None) -> int:
+        self.service.start()
+        self.hub.start()
+        self._sweeper = PeriodicCallback(self.sweep, SWEEP_INTERVAL * 1000)
+        self._sweeper.start()
+        self.server = httpserver.HTTPServer(
+            self.app, xheaders=False, idle_connection_timeout=60, body_timeout=300,
+            max_body_size=self.settings.upload_max_bytes + 2 * 1024 * 1024, max_header_size=64 * 1024)
+        port = self.settings.port if port is None else port
+        sockets = bind_sockets(port, host if host is not None else self.settings.host)
+        self.server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        for alias, reason in self.catalog.load_errors().items():
+            log.error("workflow '%s' is not available: %s", alias, reason)
+        log.info("bridge listening on %s:%d with backends %s", self.settings.host, self.port,
+                 ", ".join(self.settings.comfyui_servers))
+        return self.port
+
+    def sweep(self) -> None:
+        expired = self.service.sweep_expired(time.time())
+        if expired:
+            log.info("removed %d expired job(s)", len(expired))
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+        self.hub.stop()
+        if self.server is not None:
+            self.server.stop()
+        await self.service.close()
+        await self.state.flush()
+        if self.server is not None:
+            await self.server.close_all_connections()
+
+
+async def start_demo_backends(count: int = 2, tick_seconds: float = 0.1) -> list:
+    from comfysim import SimulatedComfy  # the demo's only use of the simulator
+    sims = []
+    for i in range(count):
+        sim = SimulatedComfy(name=f"sim-{chr(ord('a') + i)}", tick_seconds=tick_seconds)
+        await sim.start(port=0)
+        sims.append(sim)
+    return sims
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bridge.py", description="ComfyUI bridge: a small API in front of ComfyUI servers. "
+        "Options may also be set in .env or the environment under the names shown.")
+    parser.add_argument("--demo", action="store_true",
+                        help="run with two simulated ComfyUI backends in this process (no GPU needed)")
+    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+async def serve(settings: Settings, demo: bool) -> None:
+    sims = []
+    if demo:
+        sims = await start_demo_backends()
+        settings = settings.replace(comfyui_servers=tuple(sim.address for sim in sims))
+        log.info("demo: simulated ComfyUI backends at %s", ", ".join(settings.comfyui_servers))
+    bridge = Bridge(settings)
+    port = await bridge.start()
+    if demo:
+        print(f"Demo bridge ready: open http://127.0.0.1:{port}/ (Ctrl+C stops it)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await bridge.stop()
+    for sim in sims:
+        await sim.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = overrides_from_args(args)
+    if args.demo:
+        overrides.setdefault("COMFYUI_SERVERS", "127.0.0.1:1")  # replaced by the simulators
+        overrides.setdefault("DATA_DIR", str(ROOT / "data" / "demo"))
+        overrides.setdefault("WORKFLOW_DIR", str(ROOT / "workflows"))
+        overrides.setdefault("WORKFLOW_ALIAS", str(ROOT / "workflows" / "aliases.json"))
+    try:
+        settings = load_settings(overrides, dotenv_path=args.env_file)
+    except SettingsError as exc:
+        print(f"bridge: bad setting: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.logging_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(settings, args.demo))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Every route of the bridge, joined from each module's own list."""
+from __future__ import annotations
+
+from . import generate, history, jobs, server, upload, workflows, ws
+from .base import NotFoundHandler
+
+
+def all_routes(static_dir: str) -> list:
+    return [
+        *workflows.routes,
+        *upload.routes,
+        *generate.routes,
+        *history.routes,
+        *jobs.routes,
+        *ws.routes,
+        *server.routes,
+        *server.static_routes(static_dir),
+    ]
+
+
+__all__ = ["all_routes", "NotFoundHandler"]

@@ -1,0 +1,76 @@
+"""GET /history: a finished job's files as multipart/form-data, then the job is gone.
+
+The files are streamed from disk; they are deleted only after the whole response was sent,
+so a download that breaks midway can be retried.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from tornado.iostream import StreamClosedError
+
+from balancer.jobs import JobState
+
+from .base import ApiError, JsonHandler
+from .jobs import NOT_RECOGNIZED
+
+CHUNK = 256 * 1024
+log = logging.getLogger("bridge.http")
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "")
+
+
+class HistoryHandler(JsonHandler):
+    async def get(self) -> None:
+        client_id = self.client_id()
+        job = self.service.get(client_id)
+        if job is None:
+            return self._no_content(NOT_RECOGNIZED.format(client_id))
+        if job.state is JobState.ERROR:
+            self.service.error_delivered(job)
+            raise ApiError(400, job.error)
+        if job.state is not JobState.DONE:
+            return self._no_content(f"No contents with that client id / {client_id}")
+        if await self._send_multipart(job.results):
+            self.service.results_delivered(job)
+
+    def _no_content(self, detail: str) -> None:
+        self.set_status(204)
+        self.set_header("X-Bridge-Detail", detail)
+        self.finish()
+
+    async def _send_multipart(self, results) -> bool:
+        boundary = uuid.uuid4().hex
+        heads = [(f"--{boundary}\r\n"
+                  f'Content-Disposition: form-data; name="result_{i}"; filename="{_quoted(r.name)}"\r\n'
+                  f"Content-Type: {r.media_type}\r\n\r\n").encode()
+                 for i, r in enumerate(results)]
+        closing = f"--{boundary}--\r\n".encode()
+        length = sum(len(h) + r.size + 2 for h, r in zip(heads, results)) + len(closing)
+        self.set_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+        self.set_header("Content-Length", str(length))
+        loop = asyncio.get_running_loop()
+        try:
+            for head, result in zip(heads, results):
+                self.write(head)
+                with open(result.path, "rb") as handle:
+                    while chunk := await loop.run_in_executor(None, handle.read, CHUNK):
+                        self.write(chunk)
+                        await self.flush()
+                self.write(b"\r\n")
+            self.write(closing)
+            await self.finish()
+        except StreamClosedError:
+            return False  # the client went away: keep the results for another try
+        except OSError as exc:
+            log.error("result file of %s unreadable: %s", self.request.uri, exc)
+            self.request.connection.close()
+            return False
+        return True
+
+
+routes = [(r"/history", HistoryHandler)]

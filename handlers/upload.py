@@ -1,0 +1,55 @@
+"""POST /upload: multipart files streamed to the bridge's upload store."""
+from __future__ import annotations
+
+from tornado import web
+
+from storage.uploads import UploadError
+
+from .base import ApiError, JsonHandler
+
+
+@web.stream_request_body
+class UploadHandler(JsonHandler):
+    receiver = None
+
+    def prepare(self) -> None:
+        super().prepare()
+        limit = self.config.upload_max_bytes
+        # The server-wide limit sits above ours, so the reply to an oversize body is ours.
+        self.request.connection.set_max_body_size(limit + 1024 * 1024)
+        declared = self.request.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit + 1024 * 1024:
+            raise ApiError(413, f"upload is {int(declared)} bytes; the limit is "
+                                f"{self.config.upload_max_size} MB (UPLOAD_MAX_SIZE)")
+        try:
+            self.receiver = self.uploads.receiver(self.request.headers.get("Content-Type", ""))
+        except UploadError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.receiver is None or self._finished:
+            return
+        try:
+            await self.receiver.feed(chunk)
+        except UploadError as exc:
+            self.receiver.abort()
+            self.receiver = None
+            self.send_error(exc.status, exc_info=(type(exc), ApiError(exc.status, str(exc)), None))
+
+    async def post(self) -> None:
+        if self.receiver is None:
+            return  # already answered
+        try:
+            saved = await self.receiver.finish()
+        except UploadError as exc:
+            self.receiver.abort()
+            raise ApiError(exc.status, str(exc)) from None
+        self.write_json(saved)
+
+    def on_connection_close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.abort()
+        super().on_connection_close()
+
+
+routes = [(r"/upload", UploadHandler)]

@@ -1,0 +1,96 @@
+"""WS /ws?clientId=: a client's job status, live.
+
+Validation and the API key are checked in `get()`, before the upgrade, so a bad request gets
+a plain 400/401. Closing the socket while the job is queued or running cancels the job; a
+second socket with the same clientId replaces this one without cancelling anything.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import ujson
+from tornado import websocket
+
+from balancer.jobs import CONNECTED_DETAIL, LISTENING_DETAIL, status_message
+
+from .base import AccessMixin, ApiError
+
+log = logging.getLogger("bridge.ws")
+
+REPLACED_DETAIL = "replaced by a new connection"
+
+
+class StatusSocket(AccessMixin, websocket.WebSocketHandler):
+    client: str = ""
+    last_sent: float = 0.0
+    _ending = False      # the server ends this socket (final status sent, or replaced)
+
+    async def get(self, *args, **kwargs):
+        try:
+            self.check_access(self.get_query_argument("token", None))
+            self.client = self.client_id()
+        except ApiError as exc:
+            self.set_status(exc.status_code)
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.finish(ujson.dumps({"detail": exc.detail}))
+            return
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # no cookies are used; the API key (if any) is the access control
+
+    def open(self, *args, **kwargs) -> None:
+        self.hub.attach(self.client, self)
+        self._send(status_message("connected", CONNECTED_DETAIL))
+        job = self.service.get(self.client)
+        if job is not None:
+            message = self.service.status(job)
+            if job.ended:
+                self.send_status(message, final=True)
+            elif message["status"] == "progress":
+                self._send(message)
+
+    # StatusSink ----------------------------------------------------------------------
+    def send_status(self, message: dict, final: bool) -> None:
+        self._send(message)
+        if final and not self._ending:
+            self._ending = True
+            self.close()
+
+    def send_heartbeat(self) -> None:
+        self._send(status_message("listening", LISTENING_DETAIL))
+
+    def replaced(self) -> None:
+        self._ending = True
+        self._send(status_message("closed", REPLACED_DETAIL))
+        self.close()
+
+    # ---------------------------------------------------------------------------------
+    def _send(self, message: dict) -> None:
+        self.last_sent = time.monotonic()
+        try:
+            future = self.write_message(ujson.dumps(message, ensure_ascii=False))
+        except websocket.WebSocketClosedError:
+            return
+        future.add_done_callback(_ignore_closed)
+
+    def on_message(self, message) -> None:
+        pass  # clients have nothing to say; pings are answered by tornado
+
+    def on_close(self) -> None:
+        if not self.client:
+            return
+        if self.hub.detach(self.client, self) and not self._ending:
+            # The client left while its job waits or runs: nobody will take the result.
+            self.service.cancel(self.client, "interrupted: the client closed its websocket")
+
+
+def _ignore_closed(future) -> None:
+    if not future.cancelled():
+        future.exception()  # a closed stream is expected here; retrieving it silences asyncio
+
+
+routes = [(r"/ws", StatusSocket)]

@@ -1,0 +1,227 @@
+"""The bridge's settings: one frozen object built from defaults, `.env`, the environment and
+the command line (each overriding the one before). A bad value stops start-up with one line
+naming the key and the value.
+
+Every option is declared once in OPTIONS; `.env.example`, `--help` and the README table are
+written from the same names.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Mapping
+
+from dotenv import dotenv_values
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the key and the value."""
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return value
+
+
+_HOST_PORT = re.compile(r"^(?:https?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?$")
+
+
+def _servers(raw: str) -> tuple[str, ...]:
+    """Comma-separated `host:port` list; an `http://` prefix is tolerated and dropped."""
+    servers = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        match = _HOST_PORT.match(item)
+        if not match or not 0 < int(match.group(2)) <= 65535:
+            raise ValueError(f"'{item}' is not host:port")
+        address = f"{match.group(1)}:{int(match.group(2))}"
+        if address in servers:
+            raise ValueError(f"'{item}' is listed twice")
+        servers.append(address)
+    return tuple(servers)
+
+
+def _level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return value
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip().rstrip("/") for part in raw.split(",") if part.strip())
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    default: str
+    parse: Callable[[str], object]
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("HOST", "0.0.0.0", _text, "address the bridge listens on"),
+    Option("PORT", "8000", _port, "port the bridge listens on"),
+    Option("COMFYUI_SERVERS", "127.0.0.1:8188", _servers,
+           "comma-separated ComfyUI backends, host:port each"),
+    Option("LOGGING_LEVEL", "INFO", _level, "DEBUG, INFO, WARNING or ERROR"),
+    Option("WORKFLOW_DIR", "workflows", Path, "folder of API-format workflow files"),
+    Option("WORKFLOW_ALIAS", "workflows/aliases.json", Path,
+           "JSON file mapping aliases to workflow files"),
+    Option("DATA_DIR", "data", Path, "where uploads, results and state are kept"),
+    Option("CURRENT_STATE", "", Path,
+           "state file with the generation count (default DATA_DIR/current_state.json)"),
+    Option("UPLOAD_MAX_SIZE", "100", _positive_int, "largest upload request, in MB"),
+    Option("EXECUTION_TIMEOUT", "300", _positive_float, "seconds a job may run on a backend"),
+    Option("HEARTBEAT_INTERVAL", "1", _positive_float,
+           "seconds of websocket silence before a 'listening' message"),
+    Option("RESULT_TTL", "3600", _positive_float, "seconds results wait for GET /history"),
+    Option("UPLOAD_TTL", "86400", _positive_float,
+           "seconds an upload no active job uses is kept"),
+    Option("MAX_INFLIGHT_PER_SERVER", "1", _positive_int, "jobs sent to one backend at a time"),
+    Option("MAX_RETRIES", "2", _non_negative_int,
+           "times a job is requeued after its backend was lost"),
+    Option("MAX_QUEUE", "1000", _positive_int, "jobs the bridge's queue holds before 503"),
+    Option("FREE_AFTER_N_GENERATIONS", "0", _non_negative_int,
+           "send /free to a backend after this many jobs (0 = never)"),
+    Option("BACKEND_TIMEOUT", "30", _positive_float,
+           "seconds one HTTP call to a backend may take"),
+    Option("BRIDGE_API_KEY", "", _text, "when set, clients must send this key"),
+    Option("CORS_ORIGINS", "", _origins, "comma-separated browser origins allowed (CORS)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    comfyui_servers: tuple[str, ...]
+    logging_level: str
+    workflow_dir: Path
+    workflow_alias: Path
+    data_dir: Path
+    current_state: Path
+    upload_max_size: int
+    execution_timeout: float
+    heartbeat_interval: float
+    result_ttl: float
+    upload_ttl: float
+    max_inflight_per_server: int
+    max_retries: int
+    max_queue: int
+    free_after_n_generations: int
+    backend_timeout: float
+    bridge_api_key: str = field(repr=False)
+    cors_origins: tuple[str, ...]
+
+    @property
+    def upload_max_bytes(self) -> int:
+        return self.upload_max_size * 1024 * 1024
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    def replace(self, **changes) -> "Settings":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+def load_settings(
+    overrides: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    dotenv_path: str | os.PathLike | None = ".env",
+    check_paths: bool = True,
+) -> Settings:
+    """Defaults < `.env` < environment < overrides (e.g. command-line values)."""
+    raw: dict[str, str] = {opt.key: opt.default for opt in OPTIONS}
+    if dotenv_path and Path(dotenv_path).is_file():
+        raw.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    source = os.environ if env is None else env
+    raw.update({opt.key: source[opt.key] for opt in OPTIONS if opt.key in source})
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+    values = {}
+    for opt in OPTIONS:
+        try:
+            values[opt.key.lower()] = opt.parse(raw[opt.key])
+        except (ValueError, TypeError) as exc:
+            reason = str(exc) or "invalid value"
+            if opt.parse in (int, _port, _positive_int, _non_negative_int) and "invalid literal" in reason:
+                reason = "not an integer"
+            elif "could not convert" in reason:
+                reason = "not a number"
+            raise SettingsError(f"{opt.key}: {raw[opt.key]!r} is invalid ({reason})") from None
+    if not values["comfyui_servers"]:
+        raise SettingsError("COMFYUI_SERVERS: '' is invalid (list at least one host:port)")
+    if not str(raw["CURRENT_STATE"]).strip():
+        values["current_state"] = values["data_dir"] / "current_state.json"
+    settings = Settings(**values)
+    if check_paths:
+        check_paths_usable(settings)
+    return settings
+
+
+def check_paths_usable(settings: Settings) -> None:
+    if not settings.workflow_dir.is_dir() or not os.access(settings.workflow_dir, os.R_OK | os.X_OK):
+        raise SettingsError(
+            f"WORKFLOW_DIR: '{settings.workflow_dir}' is not a readable folder")
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.current_state.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"DATA_DIR: '{settings.data_dir}' cannot be created ({exc.strerror})") from None
+    if not os.access(settings.data_dir, os.W_OK):
+        raise SettingsError(f"DATA_DIR: '{settings.data_dir}' is not writable")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--key-name` flag per option; values given there override the environment."""
+    for opt in OPTIONS:
+        default = opt.default or "(empty)"
+        if opt.key == "BRIDGE_API_KEY":
+            default = "(none)"
+        parser.add_argument(
+            "--" + opt.key.lower().replace("_", "-"), dest=opt.key, metavar=opt.key,
+            help=f"{opt.help} [env {opt.key}, default {default}]")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
+    return {opt.key: getattr(args, opt.key) for opt in OPTIONS if getattr(args, opt.key, None) is not None}

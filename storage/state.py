@@ -1,0 +1,109 @@
+"""The state file (`CURRENT_STATE`): the generation count, kept across restarts and crashes.
+
+Written by atomic replace (temp file, fsync, rename) so a crash never leaves it half written;
+the previous good copy is kept as `<name>.bak` and used when the main file is damaged.
+Writes run in an executor and are coalesced: a burst of increments costs one or two writes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import ujson
+
+log = logging.getLogger("bridge.state")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _read_count(path: Path) -> int:
+    data = ujson.loads(path.read_bytes())
+    count = data["generation_count"] if isinstance(data, dict) else data
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"generation_count is {count!r}")
+    return count
+
+
+class StateFile:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.backup = self.path.with_name(self.path.name + ".bak")
+        self._count = self._load()
+        self._written = self._count
+        self._writer: asyncio.Task | None = None
+
+    def _load(self) -> int:
+        for candidate in (self.path, self.backup):
+            if not candidate.exists():
+                continue
+            try:
+                count = _read_count(candidate)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("state file %s is damaged (%s); trying the last good copy", candidate, exc)
+                continue
+            if candidate is self.backup:
+                log.warning("generation count %d restored from %s", count, candidate)
+            return count
+        if self.path.exists() or self.backup.exists():
+            log.error("no readable state file at %s; the generation count starts from 0", self.path)
+        return 0
+
+    @property
+    def generation_count(self) -> int:
+        return self._count
+
+    def increment(self) -> int:
+        self._count += 1
+        self._schedule_write()
+        return self._count
+
+    def _schedule_write(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_until_current())
+
+    async def _write_until_current(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._written != self._count:
+            count = self._count
+            try:
+                await loop.run_in_executor(None, self._write, count)
+            except OSError as exc:
+                log.error("cannot write state file %s: %s", self.path, exc)
+                return
+            self._written = count
+
+    def _write(self, count: int) -> None:
+        body = ujson.dumps({"generation_count": count}).encode()
+        if self.path.exists():
+            try:
+                _read_count(self.path)  # only a good copy becomes the backup
+                os.replace(self.path, self.backup)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        atomic_write_bytes(self.path, body)
+
+    async def flush(self) -> None:
+        """Wait until the count on disk is the count in memory (used at shutdown and in tests)."""
+        while self._writer is not None and not self._writer.done():
+            await self._writer
+        if self._written != self._count:
+            self._schedule_write()
+            await self._writer
