@@ -1,0 +1,95 @@
+"""Units of the core that need no server: progress, ComfyUI answers, the state file."""
+import asyncio
+import os
+
+from balancer.progress import ProgressTracker, format_percent, nodes_to_run
+from balancer.prompts import describe_execution_error, describe_rejection, output_files
+from storage.state import StateFile
+
+GRAPH = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+    "2": {"class_type": "SimSlowProgress", "inputs": {"image": ["1", 0], "steps": 4}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+    "9": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},  # dangling: never runs
+}
+
+
+def test_nodes_to_run_follows_outputs():
+    assert nodes_to_run(GRAPH, frozenset({"SaveImage"})) == {"1", "2", "3"}
+    # Without object_info, graph sinks stand in for output nodes.
+    assert nodes_to_run(GRAPH) == {"1", "2", "3", "9"}
+
+
+def test_progress_is_monotonic_and_below_100_until_done():
+    tracker = ProgressTracker(GRAPH, frozenset({"SaveImage"}))
+    seen = []
+    events = [("execution_cached", {"nodes": ["1"]}), ("executing", {"node": "2"})]
+    events += [("progress", {"node": "2", "value": v, "max": 4}) for v in (1, 2, 2, 1, 4)]
+    events += [("executing", {"node": "3"}), ("executed", {"node": "3"})]
+    for kind, data in events:
+        tracker.on_event(kind, data)
+        seen.append(tracker.percent)
+    assert seen == sorted(seen)
+    assert seen[0] > 0 and seen[-1] == ProgressTracker.CEILING
+    assert format_percent(12.62) == "12.62%" and format_percent(99.999) == "100.00%"
+    assert format_percent(3) == "3.00%"
+
+
+def test_progress_ignores_other_nodes_and_bad_values():
+    tracker = ProgressTracker(GRAPH, frozenset({"SaveImage"}))
+    assert not tracker.on_event("progress", {"node": "9", "value": 1, "max": 1})
+    assert not tracker.on_event("progress", {"node": "2", "value": 1, "max": 0})
+    assert not tracker.on_event("status", {"status": {}})
+
+
+def test_describe_rejection_uses_node_errors():
+    body = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                      "details": ""},
+            "node_errors": {"2": {"errors": [{"message": "Value -5 smaller than min of 0", "details": "steps"}],
+                                  "class_type": "SimSlowProgress"}}}
+    reason = describe_rejection(body, GRAPH)
+    assert "node 2 (SimSlowProgress)" in reason and "smaller than min" in reason and "steps" in reason
+    unknown = {"error": {"message": "Cannot execute because node X does not exist.", "details": "Node ID '#2'"},
+               "node_errors": {}}
+    assert "does not exist" in describe_rejection(unknown, GRAPH)
+    assert "HTTP 400" in describe_rejection(None, GRAPH)
+
+
+def test_describe_execution_error():
+    data = {"node_id": "2", "node_type": "SimSlowProgress", "exception_message": "boom\n"}
+    assert describe_execution_error(data, GRAPH) == "execution error in node 2 (SimSlowProgress): boom"
+
+
+def test_output_files_in_node_order_with_temp_and_dedup():
+    entry = {"outputs": {
+        "7": {"images": [{"filename": "b.png", "subfolder": "", "type": "temp"}]},
+        "3": {"images": [{"filename": "a.png", "subfolder": "s", "type": "output"},
+                         {"filename": "a.png", "subfolder": "s", "type": "output"}], "animated": [False]},
+    }}
+    items = output_files(entry, GRAPH)
+    assert [(i.filename, i.subfolder, i.type) for i in items] == [("a.png", "s", "output"), ("b.png", "", "temp")]
+
+
+async def test_state_file_counts_and_survives_damage(tmp_path):
+    path = tmp_path / "current_state.json"
+    state = StateFile(path)
+    assert state.generation_count == 0
+    for _ in range(5):
+        state.increment()
+    await state.flush()
+    assert StateFile(path).generation_count == 5
+    state.increment()
+    await state.flush()
+    # A torn write of the main file: the last good copy is used, not zero.
+    path.write_text('{"generation_cou')
+    assert StateFile(path).generation_count == 5
+    os.remove(path)
+    assert StateFile(path).generation_count == 5
+
+
+async def test_state_file_coalesces_bursts(tmp_path):
+    state = StateFile(tmp_path / "s.json")
+    for _ in range(1000):
+        state.increment()
+    await state.flush()
+    assert StateFile(tmp_path / "s.json").generation_count == 1000
