@@ -1,11 +1,15 @@
 """POST /upload: multipart files streamed to the bridge's upload store."""
 from __future__ import annotations
 
+import logging
+
 from tornado import web
 
 from storage.uploads import UploadError
 
 from .base import ApiError, JsonHandler
+
+log = logging.getLogger("bridge.http")
 
 
 @web.stream_request_body
@@ -32,9 +36,9 @@ class UploadHandler(JsonHandler):
         try:
             await self.receiver.feed(chunk)
         except UploadError as exc:
-            self.receiver.abort()
-            self.receiver = None
-            self.send_error(exc.status, exc_info=(type(exc), ApiError(exc.status, str(exc)), None))
+            self._refuse(ApiError(exc.status, str(exc)))
+        except OSError as exc:
+            self._refuse(_storage_error(exc))
 
     async def post(self) -> None:
         if self.receiver is None:
@@ -44,12 +48,27 @@ class UploadHandler(JsonHandler):
         except UploadError as exc:
             self.receiver.abort()
             raise ApiError(exc.status, str(exc)) from None
+        except OSError as exc:
+            self.receiver.abort()
+            raise _storage_error(exc) from None
         self.write_json(saved)
+
+    def _refuse(self, error: ApiError) -> None:
+        """Answer now, mid-body; the rest of the body is read and dropped."""
+        self.receiver.abort()
+        self.receiver = None
+        self.send_error(error.status_code, exc_info=(ApiError, error, None))
 
     def on_connection_close(self) -> None:
         if self.receiver is not None:
             self.receiver.abort()
         super().on_connection_close()
+
+
+def _storage_error(exc: OSError) -> ApiError:
+    log.error("cannot store an upload: %s", exc)
+    return ApiError(503, "the bridge cannot store uploads right now (disk problem); try again later",
+                    headers={"Retry-After": "30"})
 
 
 routes = [(r"/upload", UploadHandler)]
