@@ -1,0 +1,503 @@
+"""HTTP and websocket handlers: ComfyUI's routes with its status codes, bodies and content types.
+
+Every route is also served under /api. Quirks kept on purpose (see REFERENCE.md §1-3):
+empty 200 bodies without a content type, 400/403/404 with empty bodies, a text 500 for
+bodies ComfyUI fails to parse, `GET /history/{id}` = `{}` while unknown, and the
+websocket registry that lets a closing old socket deregister its replacement.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import urllib.parse
+import uuid
+from email.utils import formatdate
+from io import BytesIO
+
+import tornado.web
+import tornado.websocket
+from PIL import Image
+
+from . import files, nodes, protocol
+from .state import deliver
+from .validation import PromptError, validate_prompt
+
+log = logging.getLogger("comfysim")
+
+TEXT_500 = "500 Internal Server Error\n\nServer got itself in trouble"
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_mismatch(headers) -> bool:
+    """ComfyUI's origin_only_middleware: loopback Host with a different Origin host -> 403."""
+    host, origin = headers.get("Host"), headers.get("Origin")
+    if host is None or origin is None:
+        return False
+    host_domain = host.lower()
+    parsed = urllib.parse.urlparse(origin)
+    origin_domain = parsed.netloc.lower()
+    host_parsed = urllib.parse.urlsplit("//" + host_domain)
+    try:
+        if parsed.port is None:
+            host_domain = host_parsed.hostname
+        if host_parsed.port is None:
+            origin_domain = parsed.hostname
+    except ValueError:
+        return False
+    return bool(_is_loopback(host_parsed.hostname) and host_domain and origin_domain
+                and host_domain != origin_domain)
+
+
+class SimMixin:
+    """Shared by HTTP and websocket handlers: logging, hang, origin check."""
+
+    def initialize(self, sim):
+        self.sim = sim
+        self.rt = sim._rt
+
+    async def _gate_request(self) -> None:
+        req = self.request
+        body = None
+        if req.body:
+            try:
+                body = json.loads(req.body)
+            except ValueError:
+                body = None
+        self.sim.requests_log.append((req.method, req.uri, body))
+        if self.rt is None:
+            raise tornado.web.Finish()
+        if self.sim.hung:
+            # Hung: the request waits until un-hung, or until this process dies.
+            unhung = self.sim._unhung.wait()
+            dead = self.rt.dead.wait()
+            await _first_of(unhung, dead)
+            if self.rt.dead.is_set():
+                raise tornado.web.Finish()
+        if origin_mismatch(req.headers):
+            log.warning("comfysim %s: request with non matching host and origin, returning 403", self.sim.name)
+            self.empty(403)
+            raise tornado.web.Finish()
+
+
+async def _first_of(*coros) -> None:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()
+
+
+class BaseHandler(SimMixin, tornado.web.RequestHandler):
+    def set_default_headers(self):
+        self.clear_header("Content-Type")  # aiohttp sends none on empty bodies
+
+    async def prepare(self):
+        await self._gate_request()
+
+    def options(self, *args):
+        self.empty(200)  # ComfyUI's middleware answers every OPTIONS itself
+
+    def compute_etag(self):
+        return None  # only /view sets one, as aiohttp's FileResponse does
+
+    # -- response helpers ----------------------------------------------------------------
+    def empty(self, status: int = 200):
+        self.set_status(status)
+        self.clear_header("Content-Type")
+        if not self._finished:
+            self.finish()
+
+    def send_json(self, obj, status: int = 200):
+        self.set_status(status)
+        self.set_header("Content-Type", JSON_TYPE)
+        self.finish(protocol.dumps(obj))
+
+    def json_body(self):
+        """Parsed body; ComfyUI's `await request.json()` turns bad JSON into a 500."""
+        try:
+            return json.loads(self.request.body or b"")
+        except ValueError:
+            raise tornado.web.HTTPError(500, "invalid JSON body")
+
+    def write_error(self, status_code, **kwargs):
+        self.clear_header("Content-Type")
+        if status_code == 405:
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish("405: Method Not Allowed")
+        elif status_code >= 500:
+            self.set_status(500)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(TEXT_500)
+        else:
+            self.finish()
+
+    @property
+    def queue(self):
+        return self.rt.queue
+
+
+class NotFoundHandler(BaseHandler):
+    """Unknown path: aiohttp's static route answers 404 with an empty octet-stream."""
+
+    async def prepare(self):
+        await self._gate_request()
+        if self.request.method == "OPTIONS":
+            self.empty(200)
+            raise tornado.web.Finish()
+        self.set_status(404)
+        self.set_header("Content-Type", "application/octet-stream")
+        self.finish()
+
+
+class PromptHandler(BaseHandler):
+    def get(self):
+        self.send_json({"exec_info": {"queue_remaining": self.queue.remaining()}})
+
+    def post(self):
+        data = self.json_body()
+        if not isinstance(data, dict):
+            if isinstance(data, (list, str)):
+                return self.send_json({"error": _no_prompt(), "node_errors": {}}, 400)
+            raise tornado.web.HTTPError(500, "body is not an object")
+        queue = self.queue
+        if "number" in data:
+            try:
+                number = float(data["number"])
+            except (TypeError, ValueError):
+                raise tornado.web.HTTPError(500, "bad number")
+        else:
+            number = queue.number
+            if data.get("front"):
+                number = -number
+            queue.number += 1  # counts every POST without "number", valid or not
+        if "prompt" not in data:
+            return self.send_json({"error": _no_prompt(), "node_errors": {}}, 400)
+        prompt = data["prompt"]
+        prompt_id = str(data["prompt_id"]) if "prompt_id" in data else str(uuid.uuid4())
+        try:
+            ok, error, outputs, node_errors = validate_prompt(
+                prompt, data.get("partial_execution_targets"), self.sim.folders)
+        except PromptError as ex:
+            raise tornado.web.HTTPError(500, str(ex))
+        extra_data = data.get("extra_data", {})
+        if "client_id" in data:
+            if not isinstance(extra_data, dict):
+                raise tornado.web.HTTPError(500, "extra_data is not an object")
+            extra_data["client_id"] = data["client_id"]
+        if not ok:
+            log.info("comfysim %s: invalid prompt: %s", self.sim.name, error)
+            return self.send_json({"error": error, "node_errors": node_errors}, 400)
+        queue.put([number, prompt_id, prompt if isinstance(prompt, dict) else {}, extra_data, outputs])
+        self.send_json({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+
+
+def _no_prompt():
+    return {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided", "extra_info": {}}
+
+
+class QueueHandler(BaseHandler):
+    def get(self):
+        running, pending = self.queue.current()
+        self.send_json({"queue_running": running, "queue_pending": pending})
+
+    def post(self):
+        data = self.json_body()
+        if "clear" in data and data["clear"]:
+            self.queue.wipe()
+        if "delete" in data:
+            for prompt_id in data["delete"]:
+                self.queue.delete_pending(prompt_id)  # a running prompt is not touched
+        self.empty(200)
+
+
+class HistoryHandler(BaseHandler):
+    def get(self, prompt_id=None):
+        if prompt_id is not None:
+            return self.send_json(self.queue.get_history(prompt_id))
+        max_items = self.get_query_argument("max_items", None)
+        offset = self.get_query_argument("offset", None)
+        try:
+            max_items = int(max_items) if max_items is not None else None
+            offset = int(offset) if offset is not None else -1
+        except ValueError:
+            raise tornado.web.HTTPError(500, "bad max_items/offset")
+        self.send_json(self.queue.get_history(max_items=max_items, offset=offset))
+
+    def post(self, prompt_id=None):
+        if prompt_id is not None:
+            raise tornado.web.HTTPError(405)
+        data = self.json_body()
+        if "clear" in data and data["clear"]:
+            self.queue.wipe_history()
+        if "delete" in data:
+            for prompt_id in data["delete"]:
+                self.queue.delete_history(prompt_id)
+        self.empty(200)
+
+
+class InterruptHandler(BaseHandler):
+    def post(self):
+        try:
+            data = json.loads(self.request.body or b"")
+        except ValueError:
+            data = {}
+        if not isinstance(data, dict):
+            raise tornado.web.HTTPError(500, "body is not an object")  # ComfyUI calls .get() on it
+        prompt_id = data.get("prompt_id")
+        if prompt_id:
+            self.sim.interrupt_calls.append(prompt_id)
+            if self.queue.is_running(prompt_id):
+                self.sim.interrupt()
+            else:
+                log.info("comfysim %s: prompt %s is not running, interrupt ignored", self.sim.name, prompt_id)
+        else:
+            self.sim.interrupt_calls.append(None)
+            self.sim.interrupt()
+        self.empty(200)
+
+
+class FreeHandler(BaseHandler):
+    def post(self):
+        data = self.json_body()
+        if not isinstance(data, dict):
+            raise tornado.web.HTTPError(500, "body is not an object")
+        unload = data.get("unload_models", False)
+        free = data.get("free_memory", False)
+        if unload:
+            self.queue.set_flag("unload_models", unload)
+        if free:
+            self.queue.set_flag("free_memory", free)
+        self.empty(200)
+
+
+class ObjectInfoHandler(BaseHandler):
+    def get(self, class_name=None):
+        self.send_json(nodes.object_info(self.sim.folders, class_name))
+
+
+class SystemStatsHandler(BaseHandler):
+    def get(self):
+        self.send_json(self.sim.system_stats())
+
+
+class FeaturesHandler(BaseHandler):
+    def get(self):
+        self.send_json(_server_features(self.sim))
+
+
+def _server_features(sim) -> dict:
+    return {"supports_preview_metadata": True, "max_upload_size": sim.max_upload_size}
+
+
+MODEL_FOLDERS = ["checkpoints", "configs", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision",
+                 "style_models", "embeddings", "diffusers", "vae_approx", "controlnet", "gligen",
+                 "upscale_models", "custom_nodes", "hypernetworks", "photomaker", "classifiers",
+                 "model_patches", "audio_encoders"]
+
+
+class ModelsHandler(BaseHandler):
+    def get(self, folder=None):
+        if folder is None:
+            return self.send_json(MODEL_FOLDERS)
+        if folder not in MODEL_FOLDERS:
+            return self.empty(404)
+        self.send_json([])  # the simulator has no model files
+
+
+class EmbeddingsHandler(BaseHandler):
+    def get(self):
+        self.send_json([])
+
+
+class UploadImageHandler(BaseHandler):
+    async def post(self):
+        req = self.request
+        if len(req.body) > self.sim.max_upload_size:
+            self.set_status(413)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            return self.finish(f"Maximum request body size {self.sim.max_upload_size} exceeded.")
+        if any(k in req.files for k in ("type", "subfolder", "overwrite")):
+            raise tornado.web.HTTPError(500, "text field sent as a file part")
+        kind = self.get_body_argument("type", None, strip=False) or "input"
+        base = self.sim.folders.by_type(kind)
+        if base is None or kind not in files.FOLDER_TYPES:
+            raise tornado.web.HTTPError(500, "unknown upload type")  # UnboundLocalError in ComfyUI
+        parts = req.files.get("image")
+        if not parts:
+            if "image" in req.body_arguments:
+                raise tornado.web.HTTPError(500, "image is not a file part")
+            return self.empty(400)
+        part = parts[0]
+        if not part.filename:
+            return self.empty(400)
+        subfolder = self.get_body_argument("subfolder", "", strip=False)
+        overwrite = self.get_body_argument("overwrite", None, strip=False) in ("true", "1")
+        name = await self.sim._offload(files.save_upload, base, subfolder, part.filename, part.body, overwrite)
+        if name is None:
+            return self.empty(400)
+        self.send_json({"name": name, "subfolder": subfolder, "type": kind})
+
+
+def _read_view(path: str, preview: str | None, channel: str | None):
+    """File bytes (or a re-encoded preview / channel) and the content type; runs in the executor."""
+    filename = os.path.basename(path)
+    if preview:
+        info = preview.split(";")
+        fmt = info[0] if info[0] in ("webp", "jpeg") and "a" not in (channel or "") else "webp"
+        quality = int(info[-1]) if info[-1].isdigit() else 90
+        with Image.open(path) as img:
+            buf = BytesIO()
+            img.convert("RGB").save(buf, format=fmt.upper(), quality=quality)
+        return buf.getvalue(), f"image/{fmt}", False
+    if channel in ("rgb", "a"):
+        with Image.open(path) as img:
+            if channel == "rgb":
+                out = img.convert("RGB")
+            else:
+                rgba = img.convert("RGBA")
+                out = Image.new("RGBA", rgba.size)
+                out.putalpha(rgba.getchannel("A"))
+            buf = BytesIO()
+            out.save(buf, format="PNG")
+        return buf.getvalue(), "image/png", False
+    with open(path, "rb") as f:
+        data = f.read()
+    ctype = files.content_type(filename)
+    if ctype in {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}:
+        ctype = "application/octet-stream"  # as ComfyUI: never render these inline
+    return data, ctype, True
+
+
+class ViewHandler(BaseHandler):
+    async def get(self):
+        args = {k: self.get_query_argument(k, strip=False) for k in self.request.query_arguments}
+        if "filename" not in args:
+            return self.empty(404)
+        folders = self.sim.folders
+        filename, base = folders.annotated(args["filename"])
+        if not filename:
+            return self.empty(400)
+        if filename[0] == "/" or ".." in filename:
+            return self.empty(400)
+        if base is None:
+            base = folders.by_type(args.get("type", "output"))
+            if base is None:
+                return self.empty(400)
+        if "subfolder" in args:
+            full = os.path.join(base, args["subfolder"])
+            if not files.inside(base, full):
+                return self.empty(403)
+            base = full
+        filename = os.path.basename(filename)
+        path = os.path.join(base, filename)
+        if not os.path.isfile(path):
+            return self.empty(404)
+        data, ctype, raw = await self.sim._offload(_read_view, path, args.get("preview"), args.get("channel"))
+        self.set_header("Content-Type", ctype)
+        self.set_header("Content-Disposition", f'filename="{filename}"')
+        if raw:
+            st = os.stat(path)
+            self.set_header("Etag", f'"{int(st.st_mtime_ns):x}-{st.st_size:x}"')
+            self.set_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
+        self.finish(data)
+
+
+class WebSocketHandler(SimMixin, tornado.websocket.WebSocketHandler):
+    """GET /ws?clientId=X with ComfyUI's registry semantics (REFERENCE §3)."""
+
+    sid: str | None = None
+
+    def check_origin(self, origin):
+        return True  # ComfyUI's own host/origin rule runs in prepare()
+
+    async def prepare(self):
+        await self._gate_request()
+
+    def open(self):
+        hub = self.rt.hub
+        sid = self.get_query_argument("clientId", "", strip=False)
+        if sid:
+            hub.sockets.pop(sid, None)  # the old socket stays open but is forgotten
+        else:
+            sid = uuid.uuid4().hex
+        self.sid, self.first_message = sid, True
+        hub.sockets[sid] = self
+        hub.metadata[sid] = {"feature_flags": {}}
+        hub.open_handlers.add(self)
+        # Written right away, not through the outbox, so `status` is always the first frame.
+        self._write_now(protocol.text_frame("status", {"status": self.rt.queue.queue_info(), "sid": sid}))
+        if hub.client_id == sid and hub.last_node_id is not None:
+            # Reconnect during this client's prompt: re-announce the node (no prompt_id).
+            self._write_now(protocol.text_frame("executing", {"node": hub.last_node_id}))
+
+    def _write_now(self, message: str) -> None:
+        try:
+            future = self.write_message(message)
+        except tornado.websocket.WebSocketClosedError:
+            return
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def on_message(self, message):
+        if not self.first_message or isinstance(message, bytes):
+            return
+        try:
+            data = json.loads(message)
+        except ValueError:
+            return  # an unparsable first message does not use up the negotiation
+        self.first_message = False
+        if isinstance(data, dict) and data.get("type") == "feature_flags":
+            hub = self.rt.hub
+            meta = hub.metadata.get(self.sid)
+            if meta is None:
+                return
+            meta["feature_flags"] = data.get("data", {})
+            target = hub.sockets.get(self.sid)
+            if target is not None:
+                await deliver(target, protocol.text_frame("feature_flags", _server_features(self.sim)))
+
+    def on_close(self):
+        if self.rt is None or self.sid is None:
+            return
+        hub = self.rt.hub
+        hub.open_handlers.discard(self)
+        # Pops whatever is registered under this id - possibly a newer socket (capture 13).
+        hub.sockets.pop(self.sid, None)
+        hub.metadata.pop(self.sid, None)
+
+    def get_compression_options(self):
+        return {}  # permessage-deflate accepted, like aiohttp
+
+
+def make_app(sim) -> tornado.web.Application:
+    kw = {"sim": sim}
+    routes = [
+        (r"/prompt", PromptHandler), (r"/queue", QueueHandler),
+        (r"/history", HistoryHandler), (r"/history/(.+)", HistoryHandler),
+        (r"/interrupt", InterruptHandler), (r"/free", FreeHandler),
+        (r"/object_info", ObjectInfoHandler), (r"/object_info/(.+)", ObjectInfoHandler),
+        (r"/system_stats", SystemStatsHandler), (r"/features", FeaturesHandler),
+        (r"/models", ModelsHandler), (r"/models/(.+)", ModelsHandler), (r"/embeddings", EmbeddingsHandler),
+        (r"/upload/image", UploadImageHandler), (r"/view", ViewHandler), (r"/ws", WebSocketHandler),
+    ]
+    rules = [(rf"(?:/api)?{path}", handler, kw) for path, handler in routes]
+    return tornado.web.Application(
+        rules, default_handler_class=NotFoundHandler, default_handler_args=kw,
+        websocket_max_message_size=4 * 1024 * 1024, log_function=_log_request)
+
+
+def _log_request(handler) -> None:
+    log.debug("%d %s %.1fms", handler.get_status(), handler._request_summary(),
+              1000.0 * handler.request.request_time())

@@ -1,0 +1,259 @@
+"""SimulatedComfy: life cycle, test knobs and the prompt worker of one simulated ComfyUI server."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from . import protocol
+from .execution import Executor
+from .files import Folders
+from .state import Hub, PromptQueue
+
+log = logging.getLogger("comfysim")
+
+
+class Runtime:
+    """Everything a real ComfyUI process keeps in memory; a crash replaces it with a fresh one."""
+
+    def __init__(self, sim: "SimulatedComfy"):
+        self.hub = Hub(sim._gate)
+        self.queue = PromptQueue(self.hub)
+        self.executor = Executor(sim, self.hub, sim.folders)
+        self.dead = asyncio.Event()   # set when this process "dies": releases hung requests
+        self.tasks: list[asyncio.Task] = []
+
+
+class SimulatedComfy:
+    """An in-process ComfyUI 0.3.64 look-alike speaking the real HTTP + websocket protocol.
+
+    See the package docstring for the knobs.
+    """
+
+    def __init__(self, name: str = "sim", tick_seconds: float = 0.05, data_dir: Path | str | None = None,
+                 startup_delay: float = 0.0, speed: float = 1.0, max_upload_size: int = protocol.DEFAULT_MAX_UPLOAD_SIZE):
+        self.name = name
+        self.tick_seconds = tick_seconds
+        self.startup_delay = startup_delay
+        self.speed = speed
+        self.max_upload_size = max_upload_size
+        self._own_dir = data_dir is None
+        root = Path(tempfile.mkdtemp(prefix=f"comfysim-{name}-")) if data_dir is None else Path(data_dir)
+        self.folders = Folders(root)
+        self.host = "127.0.0.1"
+        self.port: int | None = None
+        # observations for tests; they survive crash()/restart()
+        self.executed_prompts: list[str] = []
+        self.requests_log: list[tuple[str, str, object]] = []
+        self.interrupt_calls: list[str | None] = []
+        self._oom_remaining = 0
+        self._interrupt_flag = False
+        self._unhung = asyncio.Event()
+        self._unhung.set()
+        self._server: tornado.httpserver.HTTPServer | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._rt: Runtime | None = None
+        self._listening = asyncio.Event()
+        self._listen_task: asyncio.Task | None = None
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> int:
+        """Start serving; returns the port. With startup_delay the port refuses connections for that long."""
+        self.host = host
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"comfysim-{self.name}")
+        await self._offload(self.folders.create)
+        await self._offload(self.folders.wipe, "temp")  # ComfyUI wipes its temp dir on start
+        sockets = tornado.netutil.bind_sockets(port, host)
+        self.port = sockets[0].getsockname()[1]
+        self._boot()
+        if self.startup_delay > 0:
+            for s in sockets:
+                s.close()  # like a process still importing its nodes: nothing listens yet
+            self._listen_task = asyncio.ensure_future(self._listen_later(self.startup_delay))
+        else:
+            self._listen(sockets)
+        return self.port
+
+    async def wait_listening(self) -> None:
+        """Wait until the port accepts connections (only matters with startup_delay)."""
+        await self._listening.wait()
+
+    async def stop(self) -> None:
+        """Shut down for good (as after SIGTERM) and remove the data dir if it was a temporary one."""
+        await self._die()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._own_dir:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: shutil.rmtree(self.folders.root, ignore_errors=True))
+
+    async def crash(self) -> None:
+        """Die mid-job: stop listening, drop every websocket without a close frame, and lose the
+        queue, history, caches and input files (the next process starts empty)."""
+        await self._die()
+        await self._offload(self.folders.wipe, "input", "temp")
+
+    async def restart(self) -> int:
+        """Come back on the same port with fresh state (after crash())."""
+        await self._die()
+        await self._offload(self.folders.wipe, "temp")
+        self._boot()
+        self._listen(tornado.netutil.bind_sockets(self.port, self.host))
+        return self.port
+
+    def hang(self, hung: bool = True) -> None:
+        """While hung: TCP connections are accepted but no HTTP request is answered (they wait),
+        no websocket frame is sent and the executor makes no progress."""
+        if hung:
+            self._unhung.clear()
+        else:
+            self._unhung.set()
+
+    @property
+    def hung(self) -> bool:
+        return not self._unhung.is_set()
+
+    def fail_next_oom(self, n: int = 1) -> None:
+        """The next n prompts that execute a node fail there with torch.OutOfMemoryError."""
+        self._oom_remaining += n
+
+    def interrupt(self) -> None:
+        """Set the global interrupt flag, as POST /interrupt without a body does."""
+        self._interrupt_flag = True
+
+    @property
+    def queue_remaining(self) -> int:
+        return self._rt.queue.remaining() if self._rt else 0
+
+    @property
+    def websocket_count(self) -> int:
+        """Open websocket connections, registered or not (zombies count)."""
+        return len(self._rt.hub.open_handlers) if self._rt else 0
+
+    @property
+    def registered_client_ids(self) -> list[str]:
+        return list(self._rt.hub.sockets) if self._rt else []
+
+    # -- internals used by handlers / executor ----------------------------------------------
+    def _boot(self) -> None:
+        self._rt = Runtime(self)
+        self._interrupt_flag = False
+        self._rt.tasks = [asyncio.ensure_future(self._rt.hub.publish_forever()),
+                          asyncio.ensure_future(self._worker(self._rt))]
+
+    def _listen(self, sockets) -> None:
+        from .handlers import make_app
+        self._server = tornado.httpserver.HTTPServer(
+            make_app(self), max_body_size=self.max_upload_size + (1 << 20), xheaders=False)
+        self._server.add_sockets(sockets)
+        self._listening.set()
+
+    async def _listen_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._listen(tornado.netutil.bind_sockets(self.port, self.host))
+
+    async def _die(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            self._listen_task = None
+        self._listening.clear()
+        rt, self._rt = self._rt, None
+        if self._server is not None:
+            self._server.stop()
+        if rt is not None:
+            rt.dead.set()
+            rt.hub.close_all_abruptly()
+            for task in rt.tasks:
+                task.cancel()
+            await asyncio.gather(*rt.tasks, return_exceptions=True)
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.close_all_connections()
+
+    async def _gate(self) -> None:
+        """Wait while hung."""
+        if not self._unhung.is_set():
+            await self._unhung.wait()
+
+    async def _offload(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _sleep_tick(self) -> None:
+        await asyncio.sleep(self.tick_seconds / (self.speed or 1.0))
+        await self._gate()
+
+    def _take_oom(self) -> bool:
+        if self._oom_remaining > 0:
+            self._oom_remaining -= 1
+            return True
+        return False
+
+    def _apply_flags(self, rt: Runtime) -> None:
+        flags = rt.queue.take_flags()
+        if flags.get("free_memory", False):
+            rt.executor.reset()
+
+    async def _worker(self, rt: Runtime) -> None:
+        """ComfyUI's prompt_worker: one prompt at a time, /free flags applied between prompts."""
+        queue, hub = rt.queue, rt.hub
+        while True:
+            await self._gate()
+            queue.wakeup.clear()
+            popped = queue.pop()
+            if popped is None:
+                self._apply_flags(rt)
+                await queue.wakeup.wait()
+                continue
+            item, task_id = popped
+            prompt_id = item[1]
+            try:
+                success, messages, result = await rt.executor.execute(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a simulator bug must not kill the worker
+                log.exception("comfysim %s: executor failed on %s", self.name, prompt_id)
+                success, messages, result = False, [], {"outputs": {}, "meta": {}}
+                hub.last_node_id = None
+            queue.task_done(task_id, result, {
+                "status_str": "success" if success else "error", "completed": success, "messages": messages})
+            if hub.client_id is not None:
+                hub.send("executing", {"node": None, "prompt_id": prompt_id}, hub.client_id)
+            if success:
+                self.executed_prompts.append(prompt_id)
+            self._apply_flags(rt)
+
+    def system_stats(self) -> dict:
+        try:
+            page = os.sysconf("SC_PAGE_SIZE")
+            total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+        except (ValueError, OSError, AttributeError):
+            total = free = 16 << 30
+        return {
+            "system": {
+                "os": os.name, "ram_total": total, "ram_free": free,
+                "comfyui_version": "0.3.64", "required_frontend_version": "1.27.10",
+                "installed_templates_version": "0.1.95", "required_templates_version": "0.1.95",
+                "python_version": sys.version, "pytorch_version": "2.13.0+cpu", "embedded_python": False,
+                "argv": ["main.py", "--cpu", "--listen", self.host, "--port", str(self.port), "--name", self.name],
+            },
+            "devices": [{"name": f"cpu (comfysim {self.name})", "type": "cpu", "index": None,
+                         "vram_total": total, "vram_free": free, "torch_vram_total": total, "torch_vram_free": free}],
+        }
