@@ -189,7 +189,11 @@
     try {
       aliases = await requestJson("workflow-list");
     } catch (e) {
-      if (e.status !== 401) showError(`Cannot load the workflow list: ${e.message}`);
+      if (e.status === 401) {
+        el.workflow.replaceChildren(make("option", { value: "", text: "Enter the API key first" }));
+      } else {
+        showError(`Cannot load the workflow list: ${e.message}`);
+      }
       return false;
     }
     const wanted = new URLSearchParams(location.search).get("workflow") || el.workflow.value
@@ -297,6 +301,7 @@
       const src = URL.createObjectURL(file);
       const img = make("img", { src, alt: `Preview of ${file.name}` });
       img.addEventListener("load", () => URL.revokeObjectURL(src), { once: true });
+      img.addEventListener("error", () => { URL.revokeObjectURL(src); img.remove(); }, { once: true });
       preview.append(img);
     }
     hint.textContent = `Uploading ${file.name} (${formatBytes(file.size)})…`;
@@ -362,7 +367,8 @@
       body = await collectInputs();
     } catch (e) {
       setBusy(false);
-      setStatus("Idle.");
+      setProgress(0);
+      setStatus("Not started.");
       showError(e.message);
       return;
     }
@@ -405,13 +411,12 @@
       socket.addEventListener("close", () => {
         // The server closes after its final message; a close without one (network, restart)
         // leaves the job running, so follow it by polling instead.
-        if (opened && !current.done && job === current) pollStatus(current);
+        if (opened && !current.final && !current.done && job === current) pollStatus(current);
       });
     });
   }
 
   function onMessage(current, raw) {
-    if (current !== job || current.done) return;
     let message;
     try { message = JSON.parse(raw); } catch (e) { return; }
     handleStatus(current, message.status, message.detail ?? message.details ?? "");
@@ -419,6 +424,8 @@
 
   // Status words are the same on the socket and from /execution-info.
   function handleStatus(current, status, detail) {
+    if (current.done || job !== current) return;
+    if (status === "closed" || status === "error") current.final = true;
     switch (status) {
       case "connected":
         if (!current.sawProgress) setStatus(detail.startsWith("queued") ? `Waiting for a backend (${detail}).` : "Connected, waiting…");
