@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# GET /workflow-info?workflow=ALIAS: the inputs a client may set, keyed "<node id>/<input name>".
+. "$(dirname "$0")/_common.sh"
+[ $# -eq 1 ] || usage "WORKFLOW_ALIAS"
+call -G -X GET "$BRIDGE/workflow-info" --data-urlencode "workflow=$1"
