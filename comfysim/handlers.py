@@ -86,6 +86,7 @@ class SimMixin:
             dead = self.rt.dead.wait()
             await _first_of(unhung, dead)
             if self.rt.dead.is_set():
+                self.request.connection.close()
                 raise tornado.web.Finish()
         if origin_mismatch(req.headers):
             log.warning("comfysim %s: request with non matching host and origin, returning 403", self.sim.name)

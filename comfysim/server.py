@@ -179,14 +179,15 @@ class SimulatedComfy:
         if self._server is not None:
             self._server.stop()
         if rt is not None:
-            rt.dead.set()
             rt.hub.close_all_abruptly()
             for task in rt.tasks:
                 task.cancel()
             await asyncio.gather(*rt.tasks, return_exceptions=True)
         if self._server is not None:
             server, self._server = self._server, None
-            await server.close_all_connections()
+            await server.close_all_connections()  # drops connections, hung requests included
+        if rt is not None:
+            rt.dead.set()  # only now wake hung handlers: their connection is gone, they answer nothing
 
     async def _gate(self) -> None:
         """Wait while hung."""

@@ -11,7 +11,8 @@ import time
 import uuid
 from io import BytesIO
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.iostream import StreamClosedError
 from tornado.websocket import websocket_connect
 
 DEFAULT_TIMEOUT = 10.0
@@ -47,14 +48,18 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes, str]]) 
 
 async def fetch(base_url: str, path: str, method: str = "GET", body=None, headers=None,
                 timeout: float = DEFAULT_TIMEOUT) -> HTTPResponse:
-    """One HTTP exchange; never raises for HTTP error statuses."""
+    """One HTTP exchange; never raises: no answer at all (refused, dropped, timeout) is code 599."""
     if isinstance(body, (dict, list)):
         body = json.dumps(body)
     if body is None and method in ("POST", "PUT", "PATCH"):
         body = b""
     req = HTTPRequest(base_url + path, method=method, body=body, headers=headers,
                       connect_timeout=timeout, request_timeout=timeout)
-    return await AsyncHTTPClient().fetch(req, raise_error=False)
+    try:
+        return await AsyncHTTPClient().fetch(req, raise_error=False)
+    except (OSError, StreamClosedError, HTTPClientError) as ex:
+        # refused / dropped / timed out: tornado's own code for "no HTTP answer"
+        return HTTPResponse(req, 599, error=ex)
 
 
 async def upload(base_url: str, filename: str, data: bytes, **fields) -> dict:
@@ -110,6 +115,7 @@ class WSClient:
         while True:
             msg = await self.conn.read_message()
             if msg is None:
+                self.conn.close()  # releases the protocol object even after an abrupt drop
                 self.closed = True
                 self._changed.set()
                 return

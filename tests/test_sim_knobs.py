@@ -1,0 +1,386 @@
+"""Unit tests of comfysim's behaviour and test knobs (crash/restart, hang, OOM, interrupts, cache, uploads)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from io import BytesIO
+
+import pytest
+from PIL import Image
+
+from comfysim import SimulatedComfy
+from comfysim.testing import WSClient, fetch, png_bytes, upload, wait_until
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+async def sim(tmp_path):
+    s = SimulatedComfy(name="knob-sim", tick_seconds=0.02, data_dir=tmp_path / "sim")
+    await s.start(port=0)
+    yield s
+    await s.stop()
+
+
+def base(sim):
+    return f"http://{sim.address}"
+
+
+def ws_base(sim):
+    return f"ws://{sim.address}"
+
+
+def invert_graph(image="src.png", prefix="out"):
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": image}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}}
+
+
+def slow_graph(steps=50, prefix="slow", width=32):
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": width, "height": 16, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SimSlowProgress", "inputs": {"image": ["1", 0], "steps": steps}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}}
+
+
+async def post_prompt(sim, graph, client_id=None, **extra) -> dict:
+    body = {"prompt": graph, **extra}
+    if client_id is not None:
+        body["client_id"] = client_id
+    resp = await fetch(base(sim), "/prompt", "POST", body)
+    assert resp.code == 200, resp.body
+    return json.loads(resp.body)
+
+
+async def get_json(sim, path):
+    resp = await fetch(base(sim), path)
+    assert resp.code == 200, (path, resp.code)
+    return json.loads(resp.body)
+
+
+def data_of(ws, type_, **match):
+    return [m["data"] for m in ws.messages if m["type"] == type_
+            and all(m["data"].get(k) == v for k, v in match.items())]
+
+
+# -- message order and nodes ---------------------------------------------------------------
+
+async def test_slow_progress_ticks_in_captured_order(sim):
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    pid = (await post_prompt(sim, slow_graph(steps=3), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(pid)
+    assert ws.types() == [
+        "status", "status", "status", "execution_start", "execution_cached",
+        "progress_state", "executing", "progress_state",                       # EmptyImage
+        "progress_state", "executing",                                         # SimSlowProgress starts
+        "progress_state", "progress", "progress_state", "progress", "progress_state", "progress",
+        "progress_state", "progress_state", "executing", "executed", "progress_state",  # SaveImage
+        "execution_success", "status", "executing"]
+    assert [(p["value"], p["max"], p["node"]) for p in data_of(ws, "progress")] == [(1, 3, "2"), (2, 3, "2"), (3, 3, "2")]
+    last_state = data_of(ws, "progress_state")[-1]["nodes"]
+    assert list(last_state) == ["1", "2", "3"] and last_state["2"]["value"] == 3
+    await ws.close()
+
+
+async def test_image_nodes_do_real_work(sim):
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 40, "height": 20, "batch_size": 2, "color": 0xFF0000}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear",
+                                                     "width": 10, "height": 0, "crop": "disabled"}},
+        "3": {"class_type": "ImageBlur", "inputs": {"image": ["2", 0], "blur_radius": 2, "sigma": 1.0}},
+        "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "sub/dir/img_%width%"}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    pid = (await post_prompt(sim, graph, "c1"))["prompt_id"]
+    await ws.wait_prompt_done(pid)
+    history = (await get_json(sim, f"/history/{pid}"))[pid]
+    saved = history["outputs"]["5"]["images"]
+    assert saved == [{"filename": "img_10_00001_.png", "subfolder": "sub/dir", "type": "output"},
+                     {"filename": "img_10_00002_.png", "subfolder": "sub/dir", "type": "output"}]
+    resp = await fetch(base(sim), "/view?filename=img_10_00001_.png&subfolder=sub/dir&type=output")
+    assert resp.code == 200 and resp.headers["Content-Type"] == "image/png"
+    img = Image.open(BytesIO(resp.body))
+    assert img.size == (10, 5)
+    assert img.convert("RGB").getpixel((5, 2)) == (0, 255, 255)  # red, inverted
+    assert img.text["comfysim"] == "knob-sim"  # the simulator's name is in every saved image
+    assert json.loads(img.text["prompt"])["5"]["class_type"] == "SaveImage"
+    preview = history["outputs"]["6"]["images"][0]
+    assert preview["type"] == "temp" and preview["filename"].startswith("ComfyUI_temp_")
+    assert (await fetch(base(sim), f"/view?filename={preview['filename']}&type=temp")).code == 200
+    await ws.close()
+
+
+async def test_runtime_error_for_non_image_upload(sim):
+    await upload(base(sim), "garbage.png", b"definitely not a png", overwrite="true")
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    pid = (await post_prompt(sim, invert_graph("garbage.png"), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(pid)
+    err = data_of(ws, "execution_error")[0]
+    assert err["node_id"] == "1" and err["node_type"] == "LoadImage"
+    assert err["exception_type"] == "PIL.UnidentifiedImageError"
+    assert err["exception_message"].startswith("cannot identify image file") and err["exception_message"].endswith("\n")
+    assert err["current_inputs"] == {"image": ["garbage.png"]}
+    entry = (await get_json(sim, f"/history/{pid}"))[pid]
+    assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
+    assert pid not in sim.executed_prompts
+    await ws.close()
+
+
+# -- crash / restart ---------------------------------------------------------------------------
+
+async def test_crash_mid_job_and_restart(sim):
+    await upload(base(sim), "src.png", png_bytes())
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    pid = (await post_prompt(sim, slow_graph(steps=500), "c1"))["prompt_id"]
+    await ws.wait_message("progress", prompt_id=pid)
+    port = sim.port
+    await sim.crash()
+    await ws.wait_for(lambda frames: ws.closed, TIMEOUT, what="socket drop")
+    assert ws.conn.close_code is None  # dropped, no close frame
+    refused = await fetch(base(sim), "/queue", timeout=2)
+    assert refused.code == 599
+    assert await sim.restart() == port
+    assert await get_json(sim, "/queue") == {"queue_running": [], "queue_pending": []}
+    assert await get_json(sim, "/history") == {}
+    assert pid not in sim.executed_prompts
+    # input files are gone: the same graph is now rejected
+    resp = await fetch(base(sim), "/prompt", "POST", {"prompt": invert_graph("src.png")})
+    assert resp.code == 400 and json.loads(resp.body)["node_errors"]["1"]["errors"][0]["type"] == "custom_validation_failed"
+    # and it works again after a fresh upload; numbering restarted too
+    await upload(base(sim), "src.png", png_bytes())
+    ws2 = await WSClient.connect(ws_base(sim), "c1")
+    answer = await post_prompt(sim, invert_graph("src.png"), "c1")
+    assert answer["number"] == 1  # the rejected POST above counted as 0
+    await ws2.wait_prompt_done(answer["prompt_id"])
+    assert data_of(ws2, "execution_cached")[0]["nodes"] == []  # caches were lost as well
+    await ws2.close()
+
+
+async def test_crash_releases_hung_requests(sim):
+    sim.hang(True)
+    pending = asyncio.ensure_future(fetch(base(sim), "/queue", timeout=5))
+    await wait_until(lambda: any(p == "/queue" for _, p, _ in sim.requests_log), what="request to arrive")
+    assert not pending.done()
+    await sim.crash()
+    resp = await asyncio.wait_for(pending, TIMEOUT)
+    assert resp.code == 599  # connection dropped, not answered
+    sim.hang(False)
+    await sim.restart()
+    assert (await fetch(base(sim), "/queue")).code == 200
+
+
+# -- hang ---------------------------------------------------------------------------------------
+
+async def test_hang_holds_requests_and_frames(sim):
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    sim.hang(True)
+    pending = asyncio.ensure_future(fetch(base(sim), "/prompt", "POST", {"prompt": slow_graph(steps=2), "client_id": "c1"}))
+    await wait_until(lambda: any(p == "/prompt" for _, p, _ in sim.requests_log), what="request to arrive")
+    connecting = asyncio.ensure_future(WSClient.connect(ws_base(sim), "c2"))
+    await wait_until(lambda: sum(p.startswith("/ws") for _, p, _ in sim.requests_log) == 2, what="ws upgrade request")
+    assert not pending.done() and not connecting.done()
+    assert sim.queue_remaining == 0  # the hung request was not processed
+    assert len(ws.frames) == 1
+    sim.hang(False)
+    resp = await asyncio.wait_for(pending, TIMEOUT)
+    assert resp.code == 200
+    pid = json.loads(resp.body)["prompt_id"]
+    await ws.wait_prompt_done(pid)
+    ws2 = await asyncio.wait_for(connecting, TIMEOUT)
+    await ws2.wait_message("status")
+    await ws.close()
+    await ws2.close()
+
+
+async def test_hang_holds_websocket_frames(sim):
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    pid = (await post_prompt(sim, slow_graph(steps=20), "c1"))["prompt_id"]
+    await ws.wait_message("progress", prompt_id=pid)
+    sim.hang(True)
+    marker = {"exec_info": {"queue_remaining": 99}}
+    sim._rt.hub.send("status", {"status": marker})
+    # A ping/pong round trip is answered below the simulator: had the marker been sent,
+    # it would have been written before the pong.
+    pong = asyncio.Event()
+    ws.conn.on_pong = lambda data: pong.set()
+    ws.conn.ping(b"p")
+    await asyncio.wait_for(pong.wait(), TIMEOUT)
+    assert not data_of(ws, "status", status=marker)
+    sim.hang(False)
+    await ws.wait_message("status", status=marker)
+    await ws.wait_prompt_done(pid)  # execution resumes too
+    await ws.close()
+
+
+# -- OOM ----------------------------------------------------------------------------------------
+
+async def test_fail_next_oom(sim):
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    first = (await post_prompt(sim, slow_graph(steps=1, prefix="a"), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(first)
+    sim.fail_next_oom(1)
+    # nodes 1 and 2 are cached now, so the first node that executes is 3
+    pid = (await post_prompt(sim, slow_graph(steps=1, prefix="b"), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(pid)
+    err = data_of(ws, "execution_error", prompt_id=pid)[0]
+    assert err["exception_type"] == "torch.OutOfMemoryError"
+    assert err["exception_message"].startswith("Allocation on device")
+    assert err["node_id"] == "3" and err["node_type"] == "SaveImage" and err["executed"] == []
+    assert data_of(ws, "executing", prompt_id=pid, node="3")
+    again = (await post_prompt(sim, slow_graph(steps=1, prefix="b"), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(again)
+    assert data_of(ws, "execution_success", prompt_id=again)
+    assert sim.executed_prompts == [first, again]
+    await ws.close()
+
+
+# -- interrupts ---------------------------------------------------------------------------------
+
+async def test_targeted_and_global_interrupt(sim):
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    a = (await post_prompt(sim, slow_graph(steps=400, prefix="a"), "c1"))["prompt_id"]
+    b = (await post_prompt(sim, slow_graph(steps=400, prefix="b", width=33), "c1"))["prompt_id"]
+    await ws.wait_message("progress", prompt_id=a)
+    # wrong id and a pending id are ignored, both answered 200 with an empty body
+    for target in ("not-running", b):
+        resp = await fetch(base(sim), "/interrupt", "POST", {"prompt_id": target})
+        assert resp.code == 200 and resp.body == b"" and "Content-Type" not in resp.headers
+    ticks = len(data_of(ws, "progress", prompt_id=a))
+    await ws.wait_for(lambda f: len(data_of(ws, "progress", prompt_id=a)) > ticks + 1, what="more ticks")
+    assert not data_of(ws, "execution_interrupted")
+    await fetch(base(sim), "/interrupt", "POST", {"prompt_id": a})
+    await ws.wait_prompt_done(a)
+    stopped = data_of(ws, "execution_interrupted", prompt_id=a)[0]
+    assert stopped["node_id"] == "2" and stopped["node_type"] == "SimSlowProgress" and stopped["executed"] == ["1"]
+    # b runs next; a global interrupt (no body) stops whatever runs
+    await ws.wait_message("progress", prompt_id=b)
+    resp = await fetch(base(sim), "/interrupt", "POST", None)
+    assert resp.code == 200
+    await ws.wait_prompt_done(b)
+    assert data_of(ws, "execution_interrupted", prompt_id=b)
+    assert sim.interrupt_calls == ["not-running", b, a, None]
+    entry = (await get_json(sim, f"/history/{a}"))[a]
+    assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
+    assert sim.executed_prompts == []
+    await ws.close()
+
+
+async def test_interrupt_while_idle_is_harmless(sim):
+    await fetch(base(sim), "/interrupt", "POST", "")
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    pid = (await post_prompt(sim, slow_graph(steps=2), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(pid)
+    assert data_of(ws, "execution_success", prompt_id=pid)
+    await ws.close()
+
+
+# -- cache ---------------------------------------------------------------------------------------
+
+async def test_classic_cache_and_free(sim):
+    await upload(base(sim), "src.png", png_bytes())
+    ws = await WSClient.connect(ws_base(sim), "c1")
+
+    async def run(graph):
+        pid = (await post_prompt(sim, graph, "c1"))["prompt_id"]
+        await ws.wait_prompt_done(pid)
+        cached = data_of(ws, "execution_cached", prompt_id=pid)[0]["nodes"]
+        executed = data_of(ws, "executed", prompt_id=pid)
+        return cached, [i["filename"] for e in executed for i in e["output"]["images"]], pid
+
+    cached, files, _ = await run(invert_graph())
+    assert cached == [] and files == ["out_00001_.png"]
+    cached, files, pid = await run(invert_graph())
+    assert cached == ["1", "2", "3"] and files == ["out_00001_.png"]  # old file re-reported
+    assert not data_of(ws, "executing", prompt_id=pid, node="3")
+    assert (await get_json(sim, f"/history/{pid}"))[pid]["outputs"]["3"]["images"][0]["filename"] == "out_00001_.png"
+    # a changed input file (same name) invalidates LoadImage through its hash
+    await upload(base(sim), "src.png", png_bytes(color=(1, 2, 3)), overwrite="1")
+    cached, files, _ = await run(invert_graph())
+    assert cached == [] and files == ["out_00002_.png"]
+    # classic cache keeps only what the previous prompt used
+    await run(slow_graph(steps=1))
+    cached, _, _ = await run(invert_graph())
+    assert cached == []
+    # /free with free_memory drops everything
+    cached, _, _ = await run(invert_graph())
+    assert cached == ["1", "2", "3"]
+    resp = await fetch(base(sim), "/free", "POST", {"unload_models": True, "free_memory": True})
+    assert resp.code == 200 and resp.body == b""
+    cached, files, _ = await run(invert_graph())
+    assert cached == [] and files == ["out_00004_.png"]
+    await ws.close()
+
+
+# -- uploads ----------------------------------------------------------------------------------
+
+async def test_upload_dedup_and_rename(sim):
+    a, b = png_bytes(color=(1, 1, 1)), png_bytes(color=(2, 2, 2))
+    assert (await upload(base(sim), "in.png", a))["name"] == "in.png"
+    assert (await upload(base(sim), "in.png", a))["name"] == "in.png"          # same bytes: reused
+    assert (await upload(base(sim), "in.png", b))["name"] == "in (1).png"      # different: renamed
+    assert (await upload(base(sim), "in.png", b))["name"] == "in (1).png"      # found again by hash
+    assert (await upload(base(sim), "in.png", b, overwrite="true"))["name"] == "in.png"
+    sub = await upload(base(sim), "in.png", a, subfolder="job/1", type="input")
+    assert sub == {"name": "in.png", "subfolder": "job/1", "type": "input"}
+    info = await get_json(sim, "/object_info/LoadImage")
+    assert info["LoadImage"]["input"]["required"]["image"][0] == ["in (1).png", "in.png"]
+    resp = await fetch(base(sim), "/view?filename=in.png&type=input&subfolder=job/1")
+    assert resp.body == a and resp.headers["Content-Disposition"] == 'filename="in.png"'
+
+
+# -- start-up, identity, logs -----------------------------------------------------------------
+
+async def test_startup_delay_refuses_then_answers(tmp_path):
+    sim = SimulatedComfy(name="late", startup_delay=1.0, data_dir=tmp_path / "late")
+    port = await sim.start(port=0)
+    try:
+        assert port and (await fetch(base(sim), "/system_stats", timeout=2)).code == 599
+        await asyncio.wait_for(sim.wait_listening(), TIMEOUT)
+        stats = await get_json(sim, "/system_stats")
+        assert "--name" in stats["system"]["argv"] and "late" in stats["system"]["argv"]
+        assert "late" in stats["devices"][0]["name"]
+    finally:
+        await sim.stop()
+
+
+async def test_requests_log_and_origin_check(sim):
+    resp = await fetch(base(sim), "/prompt", "POST", {"prompt": {}}, headers={"Origin": "http://evil.example"})
+    assert resp.code == 403 and resp.body == b""
+    resp = await fetch(base(sim), "/api/queue", "POST", {"clear": True})
+    assert resp.code == 200
+    assert sim.requests_log[-2:] == [("POST", "/prompt", {"prompt": {}}), ("POST", "/api/queue", {"clear": True})]
+
+
+async def test_client_chosen_id_front_and_history_paging(sim):
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    blocker = (await post_prompt(sim, slow_graph(steps=30), "c1"))["prompt_id"]
+    await ws.wait_message("progress", prompt_id=blocker)
+    late = await post_prompt(sim, slow_graph(steps=1, prefix="late"), "c1", prompt_id="mine-1")
+    early = await post_prompt(sim, slow_graph(steps=1, prefix="early"), "c1", front=True)
+    assert late["prompt_id"] == "mine-1" and early["number"] < 0
+    queue = await get_json(sim, "/queue")
+    assert [q[1] for q in queue["queue_running"]] == [blocker]
+    assert sorted(q[1] for q in queue["queue_pending"]) == sorted(["mine-1", early["prompt_id"]])
+    assert await get_json(sim, "/history/mine-1") == {}
+    await ws.wait_prompt_done("mine-1", timeout=TIMEOUT)
+    starts = [d["prompt_id"] for d in data_of(ws, "execution_start")]
+    assert starts == [blocker, early["prompt_id"], "mine-1"]
+    assert list(await get_json(sim, "/history?max_items=2")) == [early["prompt_id"], "mine-1"]
+    assert list(await get_json(sim, "/history?max_items=1&offset=0")) == [blocker]
+    await ws.close()
+
+
+async def test_standalone_cli(tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "comfysim", "--port", "0", "--name", "cli-sim", "--data-dir", str(tmp_path / "d"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)).decode()
+        address = line.strip().rsplit(" ", 1)[1]
+        resp = await fetch(f"http://{address}", "/system_stats")
+        assert resp.code == 200 and "cli-sim" in json.loads(resp.body)["system"]["argv"]
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), TIMEOUT) == 0
