@@ -103,11 +103,11 @@ class Backend:
         if self._ws is not None:
             self._ws.close()
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Let the reader see the close handshake end, so the socket is really closed.
+            done, _ = await asyncio.wait({self._supervisor}, timeout=2.0)
+            if not done:
+                self._supervisor.cancel()
+                await asyncio.gather(self._supervisor, return_exceptions=True)
         self._http.close()
 
     async def wait_up(self, timeout: float) -> bool:
@@ -135,6 +135,8 @@ class Backend:
         while not self._closing:
             try:
                 await self._connect()
+                if self._closing:
+                    self._ws.close()
             except (BackendUnavailable, BackendRejected, OSError, websocket.WebSocketError,
                     httpclient.HTTPError, asyncio.TimeoutError) as exc:
                 self.stats.last_error = self.stats.last_error or str(exc)

@@ -49,11 +49,12 @@ class ProgressTracker:
             self.done.update(n for n in data.get("nodes") or () if n in self.nodes)
         elif kind == "executing":
             node = data.get("node")
-            # A new node starting means every node that was running before it is finished.
-            self.done.update(self.fractions)
-            self.fractions.clear()
+            # A new node starting means every other node that was running is finished
+            # (its own `progress_state` may already have announced it as running).
+            self.done.update(n for n in self.fractions if n != node)
+            self.fractions = {n: f for n, f in self.fractions.items() if n == node}
             if node in self.nodes:
-                self.fractions[node] = 0.0
+                self.fractions.setdefault(node, 0.0)
         elif kind == "progress":
             node, value, maximum = data.get("node"), data.get("value"), data.get("max")
             if node in self.nodes and _number(value) and _number(maximum) and maximum > 0:

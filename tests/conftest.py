@@ -85,8 +85,11 @@ class Api:
         self.ws_base = base.replace("http://", "ws://")
         self.api_key = api_key
         self.http = httpclient.AsyncHTTPClient(force_instance=True)
+        self.sockets: list[StatusSocket] = []
 
     def close(self) -> None:
+        for socket in self.sockets:
+            socket.close()
         self.http.close()
 
     async def fetch(self, path: str, method: str = "GET", body=None, headers=None,
@@ -121,7 +124,9 @@ class Api:
             httpclient.HTTPRequest(f"{self.ws_base}/ws?clientId={client_id}", connect_timeout=TIMEOUT,
                                    request_timeout=TIMEOUT,
                                    headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else None))
-        return StatusSocket(connection)
+        socket = StatusSocket(connection)
+        self.sockets.append(socket)
+        return socket
 
     async def history(self, client_id: str, expect: int = 200) -> list[dict]:
         response = await self.fetch(f"/history?clientId={client_id}")

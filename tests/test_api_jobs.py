@@ -35,7 +35,7 @@ async def test_invert_pixels_come_back_inverted_over_websocket(api):
     assert parts[0]["headers"]["content-type"] == "image/png"
     got = Image.open(io.BytesIO(parts[0]["data"])).convert("RGB")
     expected = ImageChops.invert(Image.open(io.BytesIO(source)).convert("RGB"))
-    assert got.size == expected.size and list(got.getdata()) == list(expected.getdata())
+    assert got.size == expected.size and got.tobytes() == expected.tobytes()
 
 
 async def test_results_are_deleted_after_a_complete_history_response(api, bridge):

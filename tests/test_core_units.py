@@ -93,3 +93,15 @@ async def test_state_file_coalesces_bursts(tmp_path):
         state.increment()
     await state.flush()
     assert StateFile(tmp_path / "s.json").generation_count == 1000
+
+
+def test_progress_state_before_executing_keeps_the_node_running():
+    """ComfyUI announces a node as running in progress_state just before `executing` it."""
+    tracker = ProgressTracker(GRAPH, frozenset({"SaveImage"}))
+    tracker.on_event("progress_state", {"nodes": {"1": {"state": "finished", "value": 1, "max": 1},
+                                                  "2": {"state": "running", "value": 0, "max": 1}}})
+    tracker.on_event("executing", {"node": "2"})
+    assert "2" not in tracker.done
+    before = tracker.percent
+    assert tracker.on_event("progress", {"node": "2", "value": 2, "max": 4})
+    assert tracker.percent > before
