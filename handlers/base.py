@@ -16,6 +16,11 @@ CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_JSON_BODY = 1024 * 1024
 
 
+def to_json(data) -> str:
+    """JSON as clients expect it: UTF-8 text, and '/' not escaped ("queued / 1")."""
+    return ujson.dumps(data, ensure_ascii=False, escape_forward_slashes=False)
+
+
 class ApiError(web.HTTPError):
     """An error whose `detail` is shown to the client as `{"detail": ...}`."""
 
@@ -103,7 +108,7 @@ class JsonHandler(AccessMixin, web.RequestHandler):
     def write_json(self, data, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(ujson.dumps(data, ensure_ascii=False))
+        self.finish(to_json(data))
 
     def json_body(self) -> dict:
         body = self.request.body
@@ -132,7 +137,7 @@ class JsonHandler(AccessMixin, web.RequestHandler):
         else:
             detail = self._reason
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(ujson.dumps({"detail": detail}, ensure_ascii=False))
+        self.finish(to_json({"detail": detail}))
 
     def _handle_request_exception(self, e: BaseException) -> None:
         # RequestError from the core is a client error, not a bug: answer with its status.

@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import time
 
-import ujson
 from tornado import websocket
 
 from balancer.jobs import CONNECTED_DETAIL, LISTENING_DETAIL, status_message
 
-from .base import AccessMixin, ApiError
+from .base import AccessMixin, ApiError, to_json
 
 log = logging.getLogger("bridge.ws")
 
@@ -35,7 +34,7 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
             for name, value in exc.headers.items():
                 self.set_header(name, value)
             self.set_header("Content-Type", "application/json; charset=utf-8")
-            self.finish(ujson.dumps({"detail": exc.detail}))
+            self.finish(to_json({"detail": exc.detail}))
             return
         await super().get(*args, **kwargs)
 
@@ -72,7 +71,7 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
     def _send(self, message: dict) -> None:
         self.last_sent = time.monotonic()
         try:
-            future = self.write_message(ujson.dumps(message, ensure_ascii=False))
+            future = self.write_message(to_json(message))
         except websocket.WebSocketClosedError:
             return
         future.add_done_callback(_ignore_closed)

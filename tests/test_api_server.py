@@ -107,3 +107,12 @@ async def test_status_shows_backends_and_queue(api, sim):
     status = await api.json("/status")
     assert status["backends"][0]["address"] == sim.address and status["backends"][0]["up"] is True
     assert status["queue"] == {"length": 0, "oldest_wait": 0.0}
+
+
+async def test_json_does_not_escape_slashes(api):
+    client_id = new_client_id()
+    saved = await api.upload(png_bytes())
+    response = await api.fetch(f"/generate-based-workflow?clientId={client_id}", "POST",
+                               {"workflow": "invert", "1/image": saved})
+    assert response.body == b'{"detail":"queued / 1"}'
+    await api.wait_status(client_id, "closed")
