@@ -77,7 +77,9 @@ class Bridge:
     async def start(self, port: int | None = None, host: str | None = None) -> int:
         self.service.start()
         self.hub.start()
-        self._sweeper = PeriodicCallback(self.sweep, SWEEP_INTERVAL * 1000)
+        # Often enough that nothing outlives RESULT_TTL by more than a quarter of it.
+        interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4))
+        self._sweeper = PeriodicCallback(self.sweep, interval * 1000)
         self._sweeper.start()
         self.server = httpserver.HTTPServer(
             self.app, xheaders=False, idle_connection_timeout=60, body_timeout=300,

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 from .backend import Backend, BackendRejected, BackendUnavailable
@@ -81,6 +81,7 @@ class JobService:
         self._pump_scheduled = False
         self._closing = False
         self._background: set[asyncio.Task] = set()
+        self.counters: Counter[str] = Counter()  # events worth counting (metrics, tests)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:

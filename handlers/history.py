@@ -37,6 +37,8 @@ class HistoryHandler(JsonHandler):
             return self._no_content(f"No contents with that client id / {client_id}")
         if await self._send_multipart(job.results):
             self.service.results_delivered(job)
+        else:
+            self.service.counters["history_broken"] += 1
 
     def _no_content(self, detail: str) -> None:
         self.set_status(204)
