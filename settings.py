@@ -118,6 +118,8 @@ OPTIONS: tuple[Option, ...] = (
            "send /free to a backend after this many jobs (0 = never)"),
     Option("BACKEND_TIMEOUT", "30", _positive_float,
            "seconds one HTTP call to a backend may take"),
+    Option("HEALTH_CHECK_INTERVAL", "5", _positive_float,
+           "seconds between health probes of a backend (also the probe's timeout)"),
     Option("BRIDGE_API_KEY", "", _text, "when set, clients must send this key"),
     Option("CORS_ORIGINS", "", _origins, "comma-separated browser origins allowed (CORS)"),
 )
@@ -143,6 +145,7 @@ class Settings:
     max_queue: int
     free_after_n_generations: int
     backend_timeout: float
+    health_check_interval: float
     bridge_api_key: str = field(repr=False)
     cors_origins: tuple[str, ...]
 

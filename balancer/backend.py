@@ -68,13 +68,14 @@ class BackendStats:
 
 
 class Backend:
-    def __init__(self, address: str, *, index: int, request_timeout: float,
+    def __init__(self, address: str, *, index: int, request_timeout: float, health_interval: float = 5.0,
                  on_up: Callable[["Backend"], None], on_down: Callable[["Backend"], None],
                  max_clients: int = 32):
         self.address = address
         self.index = index
         self.base_url = f"http://{address}"
         self.request_timeout = request_timeout
+        self.health_interval = health_interval
         self._on_up = on_up
         self._on_down = on_down
         self._http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
@@ -84,7 +85,8 @@ class Backend:
         self.node_classes: frozenset[str] = frozenset()
         self.output_classes: frozenset[str] = frozenset()
         self.in_flight: set[str] = set()          # job ids holding a slot here
-        self.uploaded: dict[str, str] = {}         # bridge upload name -> name on this backend
+        self.uploaded: dict[str, str] = {}         # local file -> name on this backend
+        self.abandoned: set[str] = set()           # prompts whose jobs were moved elsewhere
         self.stats = BackendStats()
         self._listeners: dict[str, PromptListener] = {}
         self._unrouted: dict[str, list[tuple[str, dict]]] = {}
@@ -145,9 +147,26 @@ class Backend:
                 delay = min(delay * 2, PROBE_BACKOFF_MAX)
                 continue
             delay = PROBE_BACKOFF_START
-            await self._read_messages()
+            health = asyncio.get_running_loop().create_task(self._watch_health())
+            try:
+                await self._read_messages()
+            finally:
+                health.cancel()
             if not self._closing:
                 self.mark_down("websocket closed")
+
+    async def _watch_health(self) -> None:
+        """A hung server keeps its sockets open and answers websocket pings from its event
+        loop, yet never answers a request: only a request with a deadline notices."""
+        while self.up:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self.call("GET", "/system_stats", timeout=self.health_interval)
+            except BackendUnavailable:
+                return  # call() marked it down, which closes the websocket
+            except BackendRejected as exc:
+                self.mark_down(f"health probe answered HTTP {exc.status}")
+                return
 
     async def _connect(self) -> None:
         await self.call("GET", "/system_stats", timeout=CONNECT_TIMEOUT)

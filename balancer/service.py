@@ -75,7 +75,7 @@ class JobService:
         self.queue: deque[Job] = deque()
         self.backends = [
             Backend(address, index=i, request_timeout=settings.backend_timeout,
-                    on_up=self._backend_up, on_down=self._backend_down)
+                    health_interval=settings.health_check_interval, on_up=self._backend_up, on_down=self._backend_down)
             for i, address in enumerate(settings.comfyui_servers)]
         self._round_robin = 0
         self._pump_scheduled = False
@@ -313,7 +313,19 @@ class JobService:
         self._schedule_pump()
 
     def _backend_up(self, backend: Backend) -> None:
+        if backend.abandoned:
+            prompts, backend.abandoned = backend.abandoned, set()
+            self._spawn(self._clean_abandoned(backend, prompts))
         self._schedule_pump()
+
+    async def _clean_abandoned(self, backend: Backend, prompts: set[str]) -> None:
+        """Prompts whose jobs moved elsewhere must not run (or be kept) here as well."""
+        for prompt_id in prompts:
+            await self._stop_prompt(backend, prompt_id)
+        try:
+            await backend.call("POST", "/history", {"delete": sorted(prompts)})
+        except (BackendUnavailable, BackendRejected):
+            pass
 
     def _backend_down(self, backend: Backend) -> None:
         """Its jobs go back to the front of the queue; their tasks stop where they are."""
@@ -324,6 +336,9 @@ class JobService:
                 self._requeue_or_fail(job, f"backend {backend.address} was lost")
 
     def _requeue_or_fail(self, job: Job, why: str) -> None:
+        if job.backend is not None and job.prompt_id is not None:
+            # If that backend comes back still holding the prompt, it is stopped there.
+            job.backend.abandoned.add(job.prompt_id)
         self._release(job)
         job.prompt_id = None
         if job.requeues >= self.settings.max_retries:
@@ -339,17 +354,7 @@ class JobService:
     async def _run(self, job: Job, backend: Backend) -> None:
         watch = _PromptWatch(self, job)
         try:
-            graph = await self._place_files(job, backend)
-            job.prompt_id = uuid.uuid4().hex
-            job.tracker = ProgressTracker(graph, backend.output_classes)
-            backend.listen(job.prompt_id, watch)
-            answer = await backend.call("POST", "/prompt", {
-                "prompt": graph, "client_id": backend.ws_client_id, "prompt_id": job.prompt_id})
-            self._adopt_prompt_id(job, backend, watch, answer)
-            if isinstance(answer, dict) and answer.get("node_errors"):
-                # Accepted with some outputs dropped: the client asked for the whole graph.
-                self._spawn(self._stop_prompt(backend, job.prompt_id))
-                raise _JobFailed(describe_rejection(answer, job.graph))
+            await self._submit_prompt(job, backend, watch)
             outcome, data = await self._await_outcome(job, backend, watch)
             if outcome == "error":
                 await self._execution_failed(job, backend, data)
@@ -371,6 +376,33 @@ class JobService:
         except BackendUnavailable as exc:
             if job.state is JobState.RUNNING and job.stop_reason in (None, StopReason.BACKEND_LOST):
                 self._requeue_or_fail(job, f"backend {backend.address} failed: {exc}")
+
+    async def _submit_prompt(self, job: Job, backend: Backend, watch: _PromptWatch) -> None:
+        """Files first, then POST /prompt. A backend that restarted since it got our files
+        refuses them at validation: upload them again, once."""
+        for attempt in (1, 2):
+            graph = await self._place_files(job, backend)
+            job.prompt_id = uuid.uuid4().hex
+            job.tracker = ProgressTracker(graph, backend.output_classes)
+            backend.listen(job.prompt_id, watch)
+            try:
+                answer = await backend.call("POST", "/prompt", {
+                    "prompt": graph, "client_id": backend.ws_client_id, "prompt_id": job.prompt_id})
+            except BackendRejected as exc:
+                backend.unlisten(job.prompt_id)
+                if attempt == 1 and job.files and _lost_input_file(exc.body, job.files):
+                    log.warning("backend %s lost input files of job %s; uploading them again",
+                                backend.address, job.id)
+                    for path in job.files.values():
+                        backend.uploaded.pop(str(path), None)
+                    continue
+                raise
+            self._adopt_prompt_id(job, backend, watch, answer)
+            if isinstance(answer, dict) and answer.get("node_errors"):
+                # Accepted with some outputs dropped: the client asked for the whole graph.
+                self._spawn(self._stop_prompt(backend, job.prompt_id))
+                raise _JobFailed(describe_rejection(answer, job.graph))
+            return
 
     def _adopt_prompt_id(self, job: Job, backend: Backend, watch: _PromptWatch, answer) -> None:
         """Servers before mid-2025 ignore a client-chosen prompt_id and make their own."""
@@ -551,6 +583,17 @@ def _outcome_from_history(entry: dict):
                 return ("error" if kind == "execution_error" else "interrupted"), data
         return "error", {"exception_message": "execution failed"}
     return None
+
+
+def _lost_input_file(body, files: dict[str, Path]) -> bool:
+    """A 400 from /prompt that says one of the job's file inputs is not there."""
+    file_nodes = {key.split("/", 1)[0] for key in files}
+    for node_id, info in ((body or {}).get("node_errors") or {}).items() if isinstance(body, dict) else ():
+        if node_id in file_nodes and any(
+                isinstance(e, dict) and e.get("type") == "custom_validation_failed"
+                for e in (info or {}).get("errors") or ()):
+            return True
+    return False
 
 
 def _is_out_of_memory(data: dict) -> bool:
