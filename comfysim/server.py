@@ -91,6 +91,10 @@ class SimulatedComfy:
             self._listen(sockets)
         return self.port
 
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
     async def wait_listening(self) -> None:
         """Wait until the port accepts connections (only matters with startup_delay)."""
         await self._listening.wait()

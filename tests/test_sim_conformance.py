@@ -79,7 +79,7 @@ SCENARIOS = {
     "10_binary_frames": Scenario(output_order=["5", "3"]),
     # prompts are queued while another runs: where their `status` lands among the
     # running prompt's events is timing; both streams are still compared in order
-    "11_priority_front_partial": Scenario(tick_seconds=0.01, status_apart=True),
+    "11_priority_front_partial": Scenario(tick_seconds=0.02, status_apart=True),
     "12_ui_vs_api_format": Scenario(),
     "13_reconnect_old_socket_close": Scenario(),
 }

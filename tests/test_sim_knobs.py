@@ -336,7 +336,10 @@ async def test_startup_delay_refuses_then_answers(tmp_path):
     sim = SimulatedComfy(name="late", startup_delay=1.0, data_dir=tmp_path / "late")
     port = await sim.start(port=0)
     try:
-        assert port and (await fetch(base(sim), "/system_stats", timeout=2)).code == 599
+        assert port == sim.port and port > 0  # known at once, before anything listens
+        early = await fetch(base(sim), "/system_stats", timeout=2)
+        if not sim.listening:  # (only a stall longer than the delay could make this vacuous)
+            assert early.code == 599  # refused, like a ComfyUI that is still importing nodes
         await asyncio.wait_for(sim.wait_listening(), TIMEOUT)
         stats = await get_json(sim, "/system_stats")
         assert "--name" in stats["system"]["argv"] and "late" in stats["system"]["argv"]
@@ -355,7 +358,7 @@ async def test_requests_log_and_origin_check(sim):
 
 async def test_client_chosen_id_front_and_history_paging(sim):
     ws = await WSClient.connect(ws_base(sim), "c1")
-    blocker = (await post_prompt(sim, slow_graph(steps=30), "c1"))["prompt_id"]
+    blocker = (await post_prompt(sim, slow_graph(steps=5000), "c1"))["prompt_id"]
     await ws.wait_message("progress", prompt_id=blocker)
     late = await post_prompt(sim, slow_graph(steps=1, prefix="late"), "c1", prompt_id="mine-1")
     early = await post_prompt(sim, slow_graph(steps=1, prefix="early"), "c1", front=True)
@@ -364,6 +367,8 @@ async def test_client_chosen_id_front_and_history_paging(sim):
     assert [q[1] for q in queue["queue_running"]] == [blocker]
     assert sorted(q[1] for q in queue["queue_pending"]) == sorted(["mine-1", early["prompt_id"]])
     assert await get_json(sim, "/history/mine-1") == {}
+    assert await get_json(sim, f"/history/{blocker}") == {}  # running: not in history yet
+    await fetch(base(sim), "/interrupt", "POST", {"prompt_id": blocker})
     await ws.wait_prompt_done("mine-1", timeout=TIMEOUT)
     starts = [d["prompt_id"] for d in data_of(ws, "execution_start")]
     assert starts == [blocker, early["prompt_id"], "mine-1"]
