@@ -86,6 +86,7 @@ class Backend:
         self.output_classes: frozenset[str] = frozenset()
         self.in_flight: set[str] = set()          # job ids holding a slot here
         self.uploaded: dict[str, str] = {}         # local file -> name on this backend
+        self.uploading: dict[str, asyncio.Future] = {}  # local file -> upload in progress
         self.abandoned: set[str] = set()           # prompts whose jobs were moved elsewhere
         self.stats = BackendStats()
         self._listeners: dict[str, PromptListener] = {}
@@ -257,7 +258,8 @@ class Backend:
         down) or BackendRejected (4xx)."""
         try:
             response = await self._http.fetch(request, raise_error=False)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.TimeoutError, httpclient.HTTPClientError) as exc:
+            # raise_error=False covers HTTP statuses only; timeouts and resets still raise.
             response, reason = None, str(exc)
         else:
             reason = str(response.error) if response.code == 599 else f"HTTP {response.code}"

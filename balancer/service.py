@@ -417,13 +417,21 @@ class JobService:
         graph = {nid: {**node, "inputs": dict(node.get("inputs", {}))} for nid, node in job.graph.items()}
         for key, path in job.files.items():
             node_id, name = key.split("/", 1)
-            cache_key = str(path)
-            remote = backend.uploaded.get(cache_key)
-            if remote is None:
-                remote = await upload_file(backend, path)
-                backend.uploaded[cache_key] = remote
-            graph[node_id]["inputs"][name] = remote
+            graph[node_id]["inputs"][name] = await self._file_on_backend(backend, path)
         return graph
+
+    async def _file_on_backend(self, backend: Backend, path: Path) -> str:
+        """The file's name on the backend; concurrent jobs share one upload of it."""
+        key = str(path)
+        if key in backend.uploaded:
+            return backend.uploaded[key]
+        pending = backend.uploading.get(key)
+        if pending is None:
+            pending = backend.uploading[key] = asyncio.ensure_future(upload_file(backend, path))
+            pending.add_done_callback(lambda _: backend.uploading.pop(key, None))
+        remote = await asyncio.shield(pending)
+        backend.uploaded[key] = remote
+        return remote
 
     async def _await_outcome(self, job: Job, backend: Backend, watch: _PromptWatch):
         """Wait for the prompt's end from the websocket, polling history as a safety net."""
