@@ -82,6 +82,8 @@ class JobService:
         self._closing = False
         self._background: set[asyncio.Task] = set()
         self.counters: Counter[str] = Counter()  # events worth counting (metrics, tests)
+        # Called as observer(event, job, backend, detail) on every job transition.
+        self.observers: list = []
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -135,7 +137,7 @@ class JobService:
                   allowed_backends=tuple(workflow.backends) if workflow.backends else None)
         self.jobs[client_id] = job
         self.queue.append(job)
-        log.info("job queued client=%s workflow=%s job=%s queue=%d", client_id, alias, job.id, len(self.queue))
+        self._transition(job, "queued", queue=len(self.queue))
         position = len(self.queue)
         self._schedule_pump()
         return position
@@ -200,7 +202,7 @@ class JobService:
         job = self.jobs.get(client_id)
         if job is None or not job.active:
             return False
-        log.info("job cancelled client=%s job=%s state=%s reason=%s", client_id, job.id, job.state.value, reason)
+        self._transition(job, "cancelled", was=job.state.value)
         if job.state is JobState.QUEUED:
             self._remove_from_queue(job)
         else:
@@ -301,6 +303,7 @@ class JobService:
         job.attempts += 1
         job.dispatched_at = time.monotonic()
         backend.in_flight.add(job.id)
+        self._transition(job, "dispatched", backend, waited=time.time() - job.created)
         job.task = self._spawn(self._run(job, backend))
 
     def _release(self, job: Job) -> None:
@@ -347,7 +350,7 @@ class JobService:
         job.requeues += 1
         job.state = JobState.QUEUED
         self.queue.appendleft(job)
-        log.warning("job requeued client=%s job=%s: %s", job.client_id, job.id, why)
+        self._transition(job, "requeued", reason=why)
         self._schedule_pump()
 
     # ------------------------------------------------------------------ one run
@@ -505,8 +508,7 @@ class JobService:
         job.percent = 100.0
         job.finished_at = time.time()
         self.state.increment()
-        log.info("job done client=%s job=%s prompt=%s backend=%s files=%d duration=%.3fs",
-                 job.client_id, job.id, job.prompt_id, backend.address, len(stored), duration)
+        self._transition(job, "done", backend, duration=duration, files=len(stored))
         self.hub.publish(job.client_id, job.status(), final=True)
         n = self.settings.free_after_n_generations
         if n and backend.stats.since_free >= n:
@@ -519,7 +521,7 @@ class JobService:
         job.finished_at = time.time()
         if job.tracker is not None:
             job.tracker = None
-        log.info("job failed client=%s job=%s prompt=%s: %s", job.client_id, job.id, job.prompt_id, reason)
+        self._transition(job, "failed", job.last_backend, reason=reason)
         if self.hub.publish(job.client_id, status_message("error", reason), final=True):
             job.error_reported = True
 
@@ -565,6 +567,16 @@ class JobService:
             "generation_count": self.state.generation_count,
         }
 
+    # ------------------------------------------------------------------ observation
+    def _transition(self, job: Job, event: str, backend: Backend | None = None, **detail) -> None:
+        """One log line per job transition, and the same facts to observers (metrics)."""
+        extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
+        level = logging.WARNING if event == "requeued" else logging.INFO
+        log.log(level, "job %s client=%s job=%s workflow=%s prompt=%s backend=%s %s", event, job.client_id,
+                job.id, job.alias, job.prompt_id or "-", backend.address if backend else "-", extra)
+        for observer in self.observers:
+            observer(event, job, backend, detail)
+
     # ------------------------------------------------------------------ upkeep
     def sweep_expired(self, now: float | None = None) -> list[str]:
         """Drop ended jobs whose results or errors waited longer than RESULT_TTL."""
@@ -572,7 +584,7 @@ class JobService:
         expired = [job for job in self.jobs.values()
                    if job.ended and job.finished_at and now - job.finished_at > self.settings.result_ttl]
         for job in expired:
-            log.info("job expired client=%s job=%s state=%s", job.client_id, job.id, job.state.value)
+            self._transition(job, "expired", was=job.state.value)
             self._forget(job)
         return [job.client_id for job in expired]
 

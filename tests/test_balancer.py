@@ -193,9 +193,11 @@ async def test_cancel_of_job_waiting_on_backend_deletes_only_it(sim, bridge_fact
     bridge = await bridge_factory([sim], max_inflight_per_server=2)
     sim.tick_seconds = 0.03
     api = bridge.api()
-    first, second = await submit_slow(api, 2, steps=10)
-    await wait_for(lambda: bridge.service.get(second).prompt_id is not None
-                   and bridge.service.get(first).percent > 0, what="both jobs on the backend")
+    clients = await submit_slow(api, 2, steps=10)
+    jobs = [bridge.service.get(c) for c in clients]
+    await wait_for(lambda: all(j.prompt_id for j in jobs) and any(j.percent > 0 for j in jobs),
+                   what="both jobs on the backend, one running")
+    first, second = clients if jobs[0].percent > 0 else clients[::-1]
     waiting_prompt = bridge.service.get(second).prompt_id
     await api.json(f"/interrupt?clientId={second}", "POST")
     await wait_for(lambda: any(p.endswith("/queue") and m == "POST" and b == {"delete": [waiting_prompt]}
