@@ -11,17 +11,13 @@ import asyncio
 import ipaddress
 import json
 import logging
-import os
 import urllib.parse
 import uuid
-from email.utils import formatdate
-from io import BytesIO
 
 import tornado.web
 import tornado.websocket
-from PIL import Image
 
-from . import files, nodes, protocol
+from . import nodes, protocol
 from .state import deliver
 from .validation import PromptError, validate_prompt
 
@@ -201,7 +197,7 @@ class PromptHandler(BaseHandler):
         if not ok:
             log.info("comfysim %s: invalid prompt: %s", self.sim.name, error)
             return self.send_json({"error": error, "node_errors": node_errors}, 400)
-        queue.put([number, prompt_id, prompt if isinstance(prompt, dict) else {}, extra_data, outputs])
+        queue.put([number, prompt_id, prompt, extra_data, outputs])
         self.send_json({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
 
@@ -323,99 +319,6 @@ class EmbeddingsHandler(BaseHandler):
         self.send_json([])
 
 
-class UploadImageHandler(BaseHandler):
-    async def post(self):
-        req = self.request
-        if len(req.body) > self.sim.max_upload_size:
-            self.set_status(413)
-            self.set_header("Content-Type", "text/plain; charset=utf-8")
-            return self.finish(f"Maximum request body size {self.sim.max_upload_size} exceeded.")
-        if any(k in req.files for k in ("type", "subfolder", "overwrite")):
-            raise tornado.web.HTTPError(500, "text field sent as a file part")
-        kind = self.get_body_argument("type", None, strip=False) or "input"
-        base = self.sim.folders.by_type(kind)
-        if base is None or kind not in files.FOLDER_TYPES:
-            raise tornado.web.HTTPError(500, "unknown upload type")  # UnboundLocalError in ComfyUI
-        parts = req.files.get("image")
-        if not parts:
-            if "image" in req.body_arguments:
-                raise tornado.web.HTTPError(500, "image is not a file part")
-            return self.empty(400)
-        part = parts[0]
-        if not part.filename:
-            return self.empty(400)
-        subfolder = self.get_body_argument("subfolder", "", strip=False)
-        overwrite = self.get_body_argument("overwrite", None, strip=False) in ("true", "1")
-        name = await self.sim._offload(files.save_upload, base, subfolder, part.filename, part.body, overwrite)
-        if name is None:
-            return self.empty(400)
-        self.send_json({"name": name, "subfolder": subfolder, "type": kind})
-
-
-def _read_view(path: str, preview: str | None, channel: str | None):
-    """File bytes (or a re-encoded preview / channel) and the content type; runs in the executor."""
-    filename = os.path.basename(path)
-    if preview:
-        info = preview.split(";")
-        fmt = info[0] if info[0] in ("webp", "jpeg") and "a" not in (channel or "") else "webp"
-        quality = int(info[-1]) if info[-1].isdigit() else 90
-        with Image.open(path) as img:
-            buf = BytesIO()
-            img.convert("RGB").save(buf, format=fmt.upper(), quality=quality)
-        return buf.getvalue(), f"image/{fmt}", False
-    if channel in ("rgb", "a"):
-        with Image.open(path) as img:
-            if channel == "rgb":
-                out = img.convert("RGB")
-            else:
-                rgba = img.convert("RGBA")
-                out = Image.new("RGBA", rgba.size)
-                out.putalpha(rgba.getchannel("A"))
-            buf = BytesIO()
-            out.save(buf, format="PNG")
-        return buf.getvalue(), "image/png", False
-    with open(path, "rb") as f:
-        data = f.read()
-    ctype = files.content_type(filename)
-    if ctype in {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}:
-        ctype = "application/octet-stream"  # as ComfyUI: never render these inline
-    return data, ctype, True
-
-
-class ViewHandler(BaseHandler):
-    async def get(self):
-        args = {k: self.get_query_argument(k, strip=False) for k in self.request.query_arguments}
-        if "filename" not in args:
-            return self.empty(404)
-        folders = self.sim.folders
-        filename, base = folders.annotated(args["filename"])
-        if not filename:
-            return self.empty(400)
-        if filename[0] == "/" or ".." in filename:
-            return self.empty(400)
-        if base is None:
-            base = folders.by_type(args.get("type", "output"))
-            if base is None:
-                return self.empty(400)
-        if "subfolder" in args:
-            full = os.path.join(base, args["subfolder"])
-            if not files.inside(base, full):
-                return self.empty(403)
-            base = full
-        filename = os.path.basename(filename)
-        path = os.path.join(base, filename)
-        if not os.path.isfile(path):
-            return self.empty(404)
-        data, ctype, raw = await self.sim._offload(_read_view, path, args.get("preview"), args.get("channel"))
-        self.set_header("Content-Type", ctype)
-        self.set_header("Content-Disposition", f'filename="{filename}"')
-        if raw:
-            st = os.stat(path)
-            self.set_header("Etag", f'"{int(st.st_mtime_ns):x}-{st.st_size:x}"')
-            self.set_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
-        self.finish(data)
-
-
 class WebSocketHandler(SimMixin, tornado.websocket.WebSocketHandler):
     """GET /ws?clientId=X with ComfyUI's registry semantics (REFERENCE §3)."""
 
@@ -480,25 +383,3 @@ class WebSocketHandler(SimMixin, tornado.websocket.WebSocketHandler):
 
     def get_compression_options(self):
         return {}  # permessage-deflate accepted, like aiohttp
-
-
-def make_app(sim) -> tornado.web.Application:
-    kw = {"sim": sim}
-    routes = [
-        (r"/prompt", PromptHandler), (r"/queue", QueueHandler),
-        (r"/history", HistoryHandler), (r"/history/(.+)", HistoryHandler),
-        (r"/interrupt", InterruptHandler), (r"/free", FreeHandler),
-        (r"/object_info", ObjectInfoHandler), (r"/object_info/(.+)", ObjectInfoHandler),
-        (r"/system_stats", SystemStatsHandler), (r"/features", FeaturesHandler),
-        (r"/models", ModelsHandler), (r"/models/(.+)", ModelsHandler), (r"/embeddings", EmbeddingsHandler),
-        (r"/upload/image", UploadImageHandler), (r"/view", ViewHandler), (r"/ws", WebSocketHandler),
-    ]
-    rules = [(rf"(?:/api)?{path}", handler, kw) for path, handler in routes]
-    return tornado.web.Application(
-        rules, default_handler_class=NotFoundHandler, default_handler_args=kw,
-        websocket_max_message_size=4 * 1024 * 1024, log_function=_log_request)
-
-
-def _log_request(handler) -> None:
-    log.debug("%d %s %.1fms", handler.get_status(), handler._request_summary(),
-              1000.0 * handler.request.request_time())

@@ -17,6 +17,7 @@ import tornado.web
 from . import protocol
 from .execution import Executor
 from .files import Folders
+from .routes import make_app
 from .state import Hub, PromptQueue
 
 log = logging.getLogger("comfysim")
@@ -164,7 +165,6 @@ class SimulatedComfy:
                           asyncio.ensure_future(self._worker(self._rt))]
 
     def _listen(self, sockets) -> None:
-        from .handlers import make_app
         self._server = tornado.httpserver.HTTPServer(
             make_app(self), max_body_size=self.max_upload_size + (1 << 20), xheaders=False)
         self._server.add_sockets(sockets)

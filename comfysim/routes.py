@@ -1,0 +1,35 @@
+"""The route table: every ComfyUI route the simulator serves, also under /api."""
+from __future__ import annotations
+
+import logging
+
+import tornado.web
+
+from .file_handlers import UploadImageHandler, ViewHandler
+from .handlers import (EmbeddingsHandler, FeaturesHandler, FreeHandler, HistoryHandler, InterruptHandler,
+                       ModelsHandler, NotFoundHandler, ObjectInfoHandler, PromptHandler, QueueHandler,
+                       SystemStatsHandler, WebSocketHandler)
+
+log = logging.getLogger("comfysim")
+
+
+def make_app(sim) -> tornado.web.Application:
+    kw = {"sim": sim}
+    routes = [
+        (r"/prompt", PromptHandler), (r"/queue", QueueHandler),
+        (r"/history", HistoryHandler), (r"/history/(.+)", HistoryHandler),
+        (r"/interrupt", InterruptHandler), (r"/free", FreeHandler),
+        (r"/object_info", ObjectInfoHandler), (r"/object_info/(.+)", ObjectInfoHandler),
+        (r"/system_stats", SystemStatsHandler), (r"/features", FeaturesHandler),
+        (r"/models", ModelsHandler), (r"/models/(.+)", ModelsHandler), (r"/embeddings", EmbeddingsHandler),
+        (r"/upload/image", UploadImageHandler), (r"/view", ViewHandler), (r"/ws", WebSocketHandler),
+    ]
+    rules = [(rf"(?:/api)?{path}", handler, kw) for path, handler in routes]
+    return tornado.web.Application(
+        rules, default_handler_class=NotFoundHandler, default_handler_args=kw,
+        websocket_max_message_size=4 * 1024 * 1024, log_function=_log_request)
+
+
+def _log_request(handler) -> None:
+    log.debug("%d %s %.1fms", handler.get_status(), handler._request_summary(),
+              1000.0 * handler.request.request_time())
