@@ -25,6 +25,7 @@ from balancer.hub import StatusHub
 from balancer.service import JobService
 from settings import Settings, SettingsError, add_arguments, load_settings, overrides_from_args
 from storage.catalog import WorkflowCatalog
+from storage.jobstore import JobStore
 from storage.results import ResultStore
 from storage.state import StateFile
 from storage.uploads import UploadStore
@@ -60,7 +61,12 @@ class Bridge:
         self.uploads = UploadStore(settings.uploads_dir, settings.upload_max_bytes)
         self.results = ResultStore(settings.results_dir)
         self.hub = StatusHub(settings.heartbeat_interval)
-        self.service = JobService(settings, self.catalog, self.uploads, self.results, self.state, self.hub)
+        self.store = JobStore(settings.data_dir / "jobs.sqlite3")
+        self._stored_jobs, stored_count = self.store.open()
+        if stored_count is not None:
+            self.state.set_count(stored_count)
+        self.service = JobService(settings, self.catalog, self.uploads, self.results, self.state, self.hub,
+                                  self.store)
         self.app = web.Application(
             handlers.all_routes(str(ROOT / "static")),
             default_handler_class=handlers.NotFoundHandler,
@@ -76,6 +82,9 @@ class Bridge:
 
     async def start(self, port: int | None = None, host: str | None = None) -> int:
         self.service.start()
+        self.service.restore(self._stored_jobs)
+        self._stored_jobs = []
+        self.state.write_if_changed()
         self.hub.start()
         # Often enough that nothing outlives RESULT_TTL by more than a quarter of it.
         interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4))
@@ -106,6 +115,7 @@ class Bridge:
         if self.server is not None:
             self.server.stop()
         await self.service.close()
+        await self.store.close()
         await self.state.flush()
         if self.server is not None:
             await self.server.close_all_connections()

@@ -68,6 +68,40 @@ class Job:
     def ended(self) -> bool:
         return not self.active
 
+    def to_record(self) -> dict:
+        """What a restart needs to carry on with this job (JSON-ready)."""
+        where = self.backend or self.last_backend
+        return {
+            "id": self.id, "client_id": self.client_id, "alias": self.alias, "graph": self.graph,
+            "files": {k: str(v) for k, v in self.files.items()},
+            "class_types": sorted(self.class_types),
+            "allowed_backends": list(self.allowed_backends) if self.allowed_backends is not None else None,
+            "state": self.state.value, "created": self.created,
+            "backend": where.address if where is not None else None,
+            "prompt_id": self.prompt_id, "attempts": self.attempts, "requeues": self.requeues,
+            "oom_retried": self.oom_retried, "percent": self.percent,
+            "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size}
+                        for r in self.results],
+            "error": self.error, "error_reported": self.error_reported, "finished_at": self.finished_at,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, result_type) -> "Job":
+        allowed = record.get("allowed_backends")
+        return cls(
+            client_id=record["client_id"], alias=record["alias"], graph=record["graph"],
+            files={k: Path(v) for k, v in record["files"].items()},
+            class_types=frozenset(record["class_types"]),
+            allowed_backends=tuple(allowed) if allowed is not None else None,
+            id=record["id"], state=JobState(record["state"]), created=record["created"],
+            prompt_id=record.get("prompt_id"), attempts=record.get("attempts", 0),
+            requeues=record.get("requeues", 0), oom_retried=record.get("oom_retried", False),
+            percent=record.get("percent", 0.0),
+            results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"])
+                     for r in record.get("results", ())],
+            error=record.get("error", ""), error_reported=record.get("error_reported", False),
+            finished_at=record.get("finished_at"))
+
     def status(self, queue_position: int | None = None) -> dict:
         """The job's state in the words of the websocket and /execution-info."""
         if self.state is JobState.DONE:

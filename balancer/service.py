@@ -18,6 +18,7 @@ from .backend import Backend, BackendRejected, BackendUnavailable
 from .hub import StatusHub
 from .jobs import INTERRUPTED, Job, JobState, StopReason, status_message
 from .progress import ProgressTracker
+from storage.results import ResultFile
 from .prompts import describe_execution_error, describe_rejection, output_files
 from .transfer import download_to, upload_file
 
@@ -64,13 +65,14 @@ class _PromptWatch:
 
 
 class JobService:
-    def __init__(self, settings, catalog, uploads, results, state, hub: StatusHub):
+    def __init__(self, settings, catalog, uploads, results, state, hub: StatusHub, store):
         self.settings = settings
         self.catalog = catalog
         self.uploads = uploads
         self.results = results
         self.state = state
         self.hub = hub
+        self.store = store  # storage.jobstore.JobStore: every job change is written there
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Job] = deque()
         self.backends = [
@@ -99,6 +101,36 @@ class JobService:
             task.cancel()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
 
+    def restore(self, records: list[dict]) -> None:
+        """Jobs from before a restart: queued ones queue again in their order, running ones
+        are looked up on their backend by prompt_id, ended ones wait for their client."""
+        by_address = {b.address: b for b in self.backends}
+        front = []
+        for record in sorted(records, key=lambda r: r.get("created", 0)):
+            try:
+                job = Job.from_record(record, ResultFile)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("stored job %r unreadable, skipped: %s", record.get("client_id"), exc)
+                continue
+            self.jobs[job.client_id] = job
+            backend = by_address.get(record.get("backend"))
+            if job.state is JobState.QUEUED:
+                self.queue.append(job)
+            elif job.state is JobState.RUNNING and backend is not None and job.prompt_id:
+                job.backend = job.last_backend = backend
+                job.dispatched_at = time.monotonic()
+                backend.in_flight.add(job.id)
+                job.task = self._spawn(self._run(job, backend, resume=True))
+            elif job.state is JobState.RUNNING:  # never reached a backend: run it first
+                job.state, job.prompt_id = JobState.QUEUED, None
+                front.append(job)
+        self.queue.extendleft(reversed(front))
+        if records:
+            log.info("restored %d job(s): %d queued, %d running, %d ended", len(self.jobs), len(self.queue),
+                     sum(1 for j in self.jobs.values() if j.state is JobState.RUNNING),
+                     sum(1 for j in self.jobs.values() if j.ended))
+        self._schedule_pump()
+
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
@@ -106,8 +138,8 @@ class JobService:
         return task
 
     # ------------------------------------------------------------------ requests
-    def submit(self, client_id: str, body: dict) -> int:
-        """Validate and queue a job; returns N of `queued / N`."""
+    async def submit(self, client_id: str, body: dict) -> int:
+        """Validate and queue a job; returns N of `queued / N` once the job is on disk."""
         current = self.jobs.get(client_id)
         if current is not None and current.active:
             raise RequestError(f"clientId '{client_id}' already has a job {current.state.value}; "
@@ -137,9 +169,10 @@ class JobService:
                   allowed_backends=tuple(workflow.backends) if workflow.backends else None)
         self.jobs[client_id] = job
         self.queue.append(job)
-        self._transition(job, "queued", queue=len(self.queue))
         position = len(self.queue)
+        saved = self._transition(job, "queued", queue=position)
         self._schedule_pump()
+        await saved
         return position
 
     def _resolve_files(self, workflow, graph: dict, file_values: dict[str, str]) -> dict[str, Path]:
@@ -230,6 +263,7 @@ class JobService:
     def _forget(self, job: Job) -> None:
         if self.jobs.get(job.client_id) is job:
             del self.jobs[job.client_id]
+            self.store.save(job.client_id, None)
         if job.results:
             self._spawn(self._remove_results(job.id))
         job.results = []
@@ -325,10 +359,7 @@ class JobService:
         """Prompts whose jobs moved elsewhere must not run (or be kept) here as well."""
         for prompt_id in prompts:
             await self._stop_prompt(backend, prompt_id)
-        try:
-            await backend.call("POST", "/history", {"delete": sorted(prompts)})
-        except (BackendUnavailable, BackendRejected):
-            pass
+        await self._forget_on_backend(backend, sorted(prompts))
 
     def _backend_down(self, backend: Backend) -> None:
         """Its jobs go back to the front of the queue; their tasks stop where they are."""
@@ -338,26 +369,30 @@ class JobService:
                 job.task.cancel()
                 self._requeue_or_fail(job, f"backend {backend.address} was lost")
 
-    def _requeue_or_fail(self, job: Job, why: str) -> None:
+    def _requeue_or_fail(self, job: Job, why: str, counted: bool = True) -> None:
         if job.backend is not None and job.prompt_id is not None:
             # If that backend comes back still holding the prompt, it is stopped there.
             job.backend.abandoned.add(job.prompt_id)
         self._release(job)
         job.prompt_id = None
-        if job.requeues >= self.settings.max_retries:
+        if counted and job.requeues >= self.settings.max_retries:
             self._fail(job, f"{why}; gave up after {job.attempts} attempts")
             return
-        job.requeues += 1
+        job.requeues += counted
         job.state = JobState.QUEUED
         self.queue.appendleft(job)
         self._transition(job, "requeued", reason=why)
         self._schedule_pump()
 
     # ------------------------------------------------------------------ one run
-    async def _run(self, job: Job, backend: Backend) -> None:
+    async def _run(self, job: Job, backend: Backend, resume: bool = False) -> None:
         watch = _PromptWatch(self, job)
         try:
-            await self._submit_prompt(job, backend, watch)
+            if not resume:
+                await self._submit_prompt(job, backend, watch)
+            elif not await self._resume_prompt(job, backend, watch):
+                self._requeue_or_fail(job, f"backend {backend.address} no longer had its prompt", counted=False)
+                return
             outcome, data = await self._await_outcome(job, backend, watch)
             if outcome == "error":
                 await self._execution_failed(job, backend, data)
@@ -388,6 +423,8 @@ class JobService:
             job.prompt_id = uuid.uuid4().hex
             job.tracker = ProgressTracker(graph, backend.output_classes)
             backend.listen(job.prompt_id, watch)
+            # Written before the backend hears of it, so a restart knows where to look.
+            await self.store.save(job.client_id, job.to_record())
             try:
                 answer = await backend.call("POST", "/prompt", {
                     "prompt": graph, "client_id": backend.ws_client_id, "prompt_id": job.prompt_id})
@@ -406,6 +443,26 @@ class JobService:
                 self._spawn(self._stop_prompt(backend, job.prompt_id))
                 raise _JobFailed(describe_rejection(answer, job.graph))
             return
+
+    async def _resume_prompt(self, job: Job, backend: Backend, watch: _PromptWatch) -> bool:
+        """After a bridge restart: is the job's prompt still known to its backend?"""
+        if not await backend.wait_up(max(self.settings.backend_timeout, 10.0)):
+            return False
+        job.tracker = ProgressTracker(job.graph, backend.output_classes)
+        backend.listen(job.prompt_id, watch)
+        entry = await self._history_entry(backend, job.prompt_id)
+        if entry is not None:
+            outcome = _outcome_from_history(entry)
+            if outcome is not None:
+                watch.resolve(*outcome)
+                return True
+        queue = await backend.call("GET", "/queue") or {}
+        known = {item[1] for key in ("queue_running", "queue_pending")
+                 for item in queue.get(key, ()) if isinstance(item, list) and len(item) > 1}
+        if job.prompt_id in known:
+            return True  # its events go to the old socket's id: the history poll will see the end
+        backend.unlisten(job.prompt_id)
+        return False
 
     def _adopt_prompt_id(self, job: Job, backend: Backend, watch: _PromptWatch, answer) -> None:
         """Servers before mid-2025 ignore a client-chosen prompt_id and make their own."""
@@ -491,13 +548,17 @@ class JobService:
         for index, item in enumerate(files):
             target = self.results.file_path(job.id, index, item.filename)
             stored.append(await download_to(backend, item, target))
-        try:
-            await backend.call("POST", "/history", {"delete": [job.prompt_id]})
-        except BackendRejected:
-            pass
-        self._finish(job, backend, stored)
+        await self._finish(job, backend, stored)
+        # Only once the results are safely ours: a crash before this point finds them again.
+        self._spawn(self._forget_on_backend(backend, [job.prompt_id]))
 
-    def _finish(self, job: Job, backend: Backend, stored: list) -> None:
+    async def _forget_on_backend(self, backend: Backend, prompt_ids: list[str]) -> None:
+        try:
+            await backend.call("POST", "/history", {"delete": prompt_ids})
+        except (BackendUnavailable, BackendRejected):
+            pass
+
+    async def _finish(self, job: Job, backend: Backend, stored: list) -> None:
         duration = time.monotonic() - job.dispatched_at
         backend.stats.completed += 1
         backend.stats.since_free += 1
@@ -507,13 +568,14 @@ class JobService:
         job.state = JobState.DONE
         job.percent = 100.0
         job.finished_at = time.time()
-        self.state.increment()
-        self._transition(job, "done", backend, duration=duration, files=len(stored))
-        self.hub.publish(job.client_id, job.status(), final=True)
+        count = self.state.increment()
+        saved = self._transition(job, "done", backend, count=count, duration=duration, files=len(stored))
         n = self.settings.free_after_n_generations
         if n and backend.stats.since_free >= n:
             backend.stats.since_free = 0
             self._spawn(self._free_backend(backend))
+        await saved  # `closed` promises the results are there, even across a crash
+        self.hub.publish(job.client_id, job.status(), final=True)
 
     def _fail(self, job: Job, reason: str) -> None:
         job.state = JobState.ERROR
@@ -568,14 +630,19 @@ class JobService:
         }
 
     # ------------------------------------------------------------------ observation
-    def _transition(self, job: Job, event: str, backend: Backend | None = None, **detail) -> None:
-        """One log line per job transition, and the same facts to observers (metrics)."""
+    def _transition(self, job: Job, event: str, backend: Backend | None = None, count: int | None = None,
+                    **detail) -> asyncio.Future:
+        """One log line per job transition, the same facts to observers (metrics), and the
+        job's new state on disk (the returned future resolves once it is written)."""
         extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
         level = logging.WARNING if event == "requeued" else logging.INFO
         log.log(level, "job %s client=%s job=%s workflow=%s prompt=%s backend=%s %s", event, job.client_id,
                 job.id, job.alias, job.prompt_id or "-", backend.address if backend else "-", extra)
         for observer in self.observers:
             observer(event, job, backend, detail)
+        if event == "expired":  # _forget deletes the row
+            return asyncio.get_running_loop().create_future()
+        return self.store.save(job.client_id, job.to_record(), count)
 
     # ------------------------------------------------------------------ upkeep
     def sweep_expired(self, now: float | None = None) -> list[str]:

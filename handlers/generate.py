@@ -5,9 +5,9 @@ from .base import JsonHandler
 
 
 class GenerateHandler(JsonHandler):
-    def post(self) -> None:
+    async def post(self) -> None:
         client_id = self.client_id()
-        position = self.service.submit(client_id, self.json_body())
+        position = await self.service.submit(client_id, self.json_body())
         self.write_json({"detail": f"queued / {position}"})
 
 

@@ -70,6 +70,16 @@ class StateFile:
     def generation_count(self) -> int:
         return self._count
 
+    def set_count(self, count: int) -> None:
+        """Take the count from a source that knows better (the job database)."""
+        if count != self._count:
+            log.warning("generation count %d in %s corrected to %d", self._count, self.path, count)
+            self._count = count  # written by the next write_if_changed() or increment()
+
+    def write_if_changed(self) -> None:
+        if self._written != self._count:
+            self._schedule_write()
+
     def increment(self) -> int:
         self._count += 1
         self._schedule_write()
