@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import re
 import signal
@@ -21,34 +22,73 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 import handlers
+from handlers.base import scrub
 from balancer.hub import StatusHub
+from balancer.metrics import BridgeMetrics
 from balancer.service import JobService
 from settings import Settings, SettingsError, add_arguments, load_settings, overrides_from_args
 from storage.catalog import WorkflowCatalog
 from storage.jobstore import JobStore
 from storage.results import ResultStore
 from storage.state import StateFile
+from storage.sweep import sweep_disk
 from storage.uploads import UploadStore
 
 log = logging.getLogger("bridge")
 ROOT = Path(__file__).resolve().parent
 SWEEP_INTERVAL = 60.0
-_SECRET_QUERY = re.compile(r"(?i)((?:token|api_key|key)=)[^&\s]*")
-
-
-def scrub(text: str) -> str:
-    """Keys in URLs never reach the logs."""
-    return _SECRET_QUERY.sub(r"\1***", text)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def log_request(handler: web.RequestHandler) -> None:
+    """One access line per request (method, path, status, duration, clientId), and its metrics."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     request = handler.request
+    seconds = request.request_time()
     client = request.query_arguments.get("clientId", [b"-"])[0].decode(errors="replace")[:128]
     logging.getLogger("bridge.access").log(
         level, "%s %s %d %.1fms clientId=%s", request.method, scrub(request.path), status,
-        1000.0 * request.request_time(), client)
+        1000.0 * seconds, scrub(client))
+    metrics = handler.settings.get("metrics")
+    if metrics is not None:
+        metrics.count_request(type(handler).__name__, request.method or "-", status, seconds)
+
+
+class SecretFilter(logging.Filter):
+    """Last line of defence on the log handler: keys in any record's text become ***."""
+
+    def __init__(self, api_key: str | None = None):
+        super().__init__()
+        self.api_key = api_key or None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logging's business, not ours
+            return True
+        clean = scrub(text)
+        if self.api_key:
+            clean = clean.replace(self.api_key, "***")
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+def configure_logging(level: str, api_key: str | None = None) -> logging.Handler:
+    """LOGGING_LEVEL for the whole process, one line per record on stderr, secrets scrubbed."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "bridge_handler", False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler()
+    handler.bridge_handler = True
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(SecretFilter(api_key))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Pillow logs every PNG chunk at DEBUG, drowning the bridge's own lines.
+    logging.getLogger("PIL").setLevel(max(logging.INFO, root.level))
+    return handler
 
 
 class Bridge:
@@ -67,11 +107,12 @@ class Bridge:
             self.state.set_count(stored_count)
         self.service = JobService(settings, self.catalog, self.uploads, self.results, self.state, self.hub,
                                   self.store)
+        self.metrics = BridgeMetrics(self.service, self.hub, self.state)
         self.app = web.Application(
             handlers.all_routes(str(ROOT / "static")),
             default_handler_class=handlers.NotFoundHandler,
             config=settings, service=self.service, catalog=self.catalog, uploads=self.uploads,
-            hub=self.hub, state=self.state,
+            hub=self.hub, state=self.state, metrics=self.metrics,
             log_function=log_request,
             websocket_ping_interval=20, websocket_ping_timeout=20,
             websocket_max_message_size=64 * 1024,
@@ -87,7 +128,7 @@ class Bridge:
         self.state.write_if_changed()
         self.hub.start()
         # Often enough that nothing outlives RESULT_TTL by more than a quarter of it.
-        interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4))
+        interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4, self.settings.upload_ttl / 4))
         self._sweeper = PeriodicCallback(self.sweep, interval * 1000)
         self._sweeper.start()
         self.server = httpserver.HTTPServer(
@@ -103,12 +144,19 @@ class Bridge:
                  ", ".join(self.settings.comfyui_servers))
         return self.port
 
-    def sweep(self) -> None:
-        expired = self.service.sweep_expired(time.time())
-        if expired:
-            log.info("removed %d expired job(s)", len(expired))
+    def sweep(self) -> asyncio.Future:
+        """Expired jobs first (in memory), then the disk, off the loop."""
+        now = time.time()
+        self.service.sweep_expired(now)
+        keep_uploads = {path.name for job in self.service.jobs.values() if job.active
+                        for path in job.files.values()}
+        keep_results = {job.id for job in self.service.jobs.values() if job.results or job.active}
+        return asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            sweep_disk, self.uploads, self.results, upload_ttl=self.settings.upload_ttl,
+            result_ttl=self.settings.result_ttl, keep_uploads=keep_uploads, keep_results=keep_results, now=now))
 
     async def stop(self) -> None:
+        self.metrics.close()
         if self._sweeper is not None:
             self._sweeper.stop()
         self.hub.stop()
@@ -176,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"bridge: bad setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.logging_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.logging_level, settings.bridge_api_key)
     asyncio.run(serve(settings, args.demo))
     return 0
 

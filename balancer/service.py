@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import Counter, deque
@@ -161,6 +162,9 @@ class JobService:
         except CatalogError as exc:
             raise RequestError(str(exc)) from None
         files = self._resolve_files(workflow, graph, file_values)
+        for path in files.values():
+            if path.parent == self.uploads.directory:
+                _touch(path)  # UPLOAD_TTL counts from the last use
         self._check_runnable(workflow)
         if current is not None:
             self._forget(current)
@@ -686,6 +690,13 @@ def _lost_input_file(body, files: dict[str, Path]) -> bool:
 def _is_out_of_memory(data: dict) -> bool:
     text = f"{data.get('exception_type', '')} {data.get('exception_message', '')}".lower()
     return "outofmemory" in text.replace(" ", "") or "out of memory" in text
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _asset_path(workflow_dir: Path, name) -> Path | None:

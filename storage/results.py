@@ -58,10 +58,10 @@ class ResultStore:
     def job_ids(self) -> list[str]:
         return [p.name for p in self.directory.iterdir() if _JOB_ID.match(p.name)]
 
-    def sweep(self, max_age: float, keep: set[str]) -> list[str]:
+    def sweep(self, max_age: float, keep: set[str], now: float | None = None) -> list[str]:
         """Remove job folders older than `max_age` seconds that no live job keeps."""
         removed = []
-        cutoff = time.time() - max_age
+        cutoff = (time.time() if now is None else now) - max_age
         for job_id in self.job_ids():
             if job_id in keep:
                 continue

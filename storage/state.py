@@ -1,7 +1,8 @@
 """The state file (`CURRENT_STATE`): the generation count, kept across restarts and crashes.
 
-Written by atomic replace (temp file, fsync, rename) so a crash never leaves it half written;
-the previous good copy is kept as `<name>.bak` and used when the main file is damaged.
+Written by atomic replace (temp file, fsync, rename) so a crash never leaves it half written,
+and mirrored to `<name>.bak`, which is used when the main file is damaged. The job database
+holds the same count and wins at start-up; this file is what the specification names.
 Writes run in an executor and are coalesced: a burst of increments costs one or two writes.
 """
 from __future__ import annotations
@@ -101,14 +102,11 @@ class StateFile:
             self._written = count
 
     def _write(self, count: int) -> None:
+        # Two copies, each replaced atomically and one after the other: whatever a crash
+        # or a disk error damages, one of them holds the latest count.
         body = ujson.dumps({"generation_count": count}).encode()
-        if self.path.exists():
-            try:
-                _read_count(self.path)  # only a good copy becomes the backup
-                os.replace(self.path, self.backup)
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
         atomic_write_bytes(self.path, body)
+        atomic_write_bytes(self.backup, body)
 
     async def flush(self) -> None:
         """Wait until the count on disk is the count in memory (used at shutdown and in tests)."""

@@ -80,11 +80,11 @@ async def test_state_file_counts_and_survives_damage(tmp_path):
     assert StateFile(path).generation_count == 5
     state.increment()
     await state.flush()
-    # A torn write of the main file: the last good copy is used, not zero.
+    # A torn write of the main file: the copy is used, not zero.
     path.write_text('{"generation_cou')
-    assert StateFile(path).generation_count == 5
+    assert StateFile(path).generation_count == 6
     os.remove(path)
-    assert StateFile(path).generation_count == 5
+    assert StateFile(path).generation_count == 6
 
 
 async def test_state_file_coalesces_bursts(tmp_path):
