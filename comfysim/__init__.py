@@ -35,6 +35,9 @@ Observations (kept across crash/restart):
   sim.executed_prompts     prompt_ids that ran to execution_success, in order.
   sim.requests_log         (method, uri incl. query, parsed JSON body or None) per HTTP request.
   sim.interrupt_calls      one entry per POST /interrupt: None = global, else the prompt_id sent.
+  sim.prompt_times         (prompt_id, started, ended, success) per prompt the worker ran, time.time()
+                           seconds (float, unlike the protocol's millisecond timestamps); the
+                           standalone server writes them to `--timeline FILE` when it stops.
   sim.queue_remaining, sim.websocket_count, sim.registered_client_ids.
 Saved PNGs carry a text chunk `comfysim` = name; /system_stats shows the name in
 `system.argv` (`--name NAME`) and in `devices[0].name`.

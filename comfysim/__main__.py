@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 
@@ -19,6 +20,8 @@ def main(argv=None) -> None:
     p.add_argument("--startup-delay", type=float, default=0.0, help="seconds before the port accepts connections")
     p.add_argument("--data-dir", default=None, help="input/output/temp live here (default: a temp dir)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--timeline", default=None, metavar="FILE",
+                   help="on exit, write each executed prompt's start and end time (JSON) here")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(_serve(args))
@@ -35,6 +38,10 @@ async def _serve(args) -> None:
     print(f"comfysim {args.name} listening on {args.host}:{port}", flush=True)
     await stop.wait()
     await sim.stop()
+    if args.timeline:
+        with open(args.timeline, "w") as out:
+            json.dump([{"prompt_id": p, "started": s, "ended": e, "success": ok}
+                       for p, s, e, ok in sim.prompt_times], out)
 
 
 if __name__ == "__main__":

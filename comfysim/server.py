@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import tornado.httpserver
@@ -56,6 +57,8 @@ class SimulatedComfy:
         self.executed_prompts: list[str] = []
         self.requests_log: list[tuple[str, str, object]] = []
         self.interrupt_calls: list[str | None] = []
+        # (prompt_id, started, ended, success) per executed prompt, wall-clock seconds (time.time)
+        self.prompt_times: list[tuple[str, float, float, bool]] = []
         self._oom_remaining = 0
         self._interrupt_flag = False
         self._unhung = asyncio.Event()
@@ -229,6 +232,7 @@ class SimulatedComfy:
                 continue
             item, task_id = popped
             prompt_id = item[1]
+            started = time.time()
             try:
                 success, messages, result = await rt.executor.execute(item)
             except asyncio.CancelledError:
@@ -237,6 +241,7 @@ class SimulatedComfy:
                 log.exception("comfysim %s: executor failed on %s", self.name, prompt_id)
                 success, messages, result = False, [], {"outputs": {}, "meta": {}}
                 hub.last_node_id = None
+            self.prompt_times.append((prompt_id, started, time.time(), success))
             queue.task_done(task_id, result, {
                 "status_str": "success" if success else "error", "completed": success, "messages": messages})
             if hub.client_id is not None:

@@ -378,14 +378,34 @@ async def test_client_chosen_id_front_and_history_paging(sim):
 
 
 async def test_standalone_cli(tmp_path):
+    timeline = tmp_path / "timeline.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "comfysim", "--port", "0", "--name", "cli-sim", "--data-dir", str(tmp_path / "d"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        "--timeline", str(timeline), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         line = (await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)).decode()
         address = line.strip().rsplit(" ", 1)[1]
         resp = await fetch(f"http://{address}", "/system_stats")
         assert resp.code == 200 and "cli-sim" in json.loads(resp.body)["system"]["argv"]
+        resp = await fetch(f"http://{address}", "/prompt", "POST", {"prompt": slow_graph(steps=1), "prompt_id": "t1"})
+        assert resp.code == 200
+
+        async def finished():
+            return json.loads((await fetch(f"http://{address}", "/history/t1")).body)
+        await wait_until(finished, TIMEOUT, what="prompt t1 in history")
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), TIMEOUT) == 0
+    [entry] = json.loads(timeline.read_text())  # written on exit: one line per prompt the worker ran
+    assert entry["prompt_id"] == "t1" and entry["success"] is True
+    assert 0 < entry["ended"] - entry["started"] < TIMEOUT
+
+
+async def test_prompt_times_are_recorded_in_order(sim):
+    first = await post_prompt(sim, slow_graph(steps=1, prefix="a"))
+    second = await post_prompt(sim, slow_graph(steps=2, prefix="b"))
+    await wait_until(lambda: len(sim.prompt_times) == 2, TIMEOUT)
+    (id1, start1, end1, ok1), (id2, start2, end2, ok2) = sim.prompt_times
+    assert (id1, id2) == (first["prompt_id"], second["prompt_id"]) and ok1 and ok2
+    assert start1 <= end1 <= start2 <= end2
+    assert end2 - start2 >= 2 * sim.tick_seconds  # two ticks of SimSlowProgress
