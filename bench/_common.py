@@ -454,13 +454,17 @@ def report(title: str, args, rows: list[dict], notes: list[str] = (), extra: dic
             "rows": rows, "notes": list(notes), **(extra or {})}, indent=2, default=str))
 
 
+IDLE_LEAVES = ("EpollSelector.select (", "select (selectors.py", "_worker (concurrent/futures/thread.py",
+               "wait (threading.py")
+
+
 def summarize_profile(path: Path, top: int = 25) -> str:
     """py-spy raw (collapsed) stacks -> the functions with the most samples, self and total."""
     if not path.exists():
         return f"(no profile written to {path})"
     self_count: dict[str, int] = {}
     total_count: dict[str, int] = {}
-    samples = 0
+    samples = idle = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -468,12 +472,17 @@ def summarize_profile(path: Path, top: int = 25) -> str:
         n = int(count)
         samples += n
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        if frames[-1].startswith(IDLE_LEAVES):
+            idle += n  # a thread waiting (py-spy cannot tell idle threads apart here)
+            continue
         self_count[frames[-1]] = self_count.get(frames[-1], 0) + n
         for frame in set(frames):
             total_count[frame] = total_count.get(frame, 0) + n
     if not samples:
         return "(empty profile)"
-    out = [f"py-spy: {samples} samples of the bridge's busy (non-idle) time",
+    samples -= idle
+    out = [f"py-spy: {samples} samples of the bridge's busy time ({idle} samples of threads waiting in "
+           "select() or for executor work left out)",
            "  self%  total%  function (file:line)"]
     for frame, n in sorted(self_count.items(), key=lambda kv: -kv[1])[:top]:
         out.append(f"  {100 * n / samples:5.1f}  {100 * total_count[frame] / samples:6.1f}  {frame}")
