@@ -22,7 +22,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 import handlers
-from handlers.base import scrub
+from handlers.base import CLIENT_ID, SERVER_MAX_BODY, one_line, scrub
 from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
 from balancer.service import JobService
@@ -46,10 +46,12 @@ def log_request(handler: web.RequestHandler) -> None:
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     request = handler.request
     seconds = request.request_time()
-    client = request.query_arguments.get("clientId", [b"-"])[0].decode(errors="replace")[:128]
+    client = request.query_arguments.get("clientId", [b"-"])[-1].decode(errors="replace").strip()
+    if client != "-" and not CLIENT_ID.fullmatch(client):
+        client = "(invalid)"  # refused with a 400; quoting it could forge log lines
     logging.getLogger("bridge.access").log(
-        level, "%s %s %d %.1fms clientId=%s", request.method, scrub(request.path), status,
-        1000.0 * seconds, scrub(client))
+        level, "%s %s %d %.1fms clientId=%s", request.method, scrub(one_line(request.path)), status,
+        1000.0 * seconds, client)
     metrics = handler.settings.get("metrics")
     if metrics is not None:
         metrics.count_request(type(handler).__name__, request.method or "-", status, seconds)
@@ -131,9 +133,12 @@ class Bridge:
         interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4, self.settings.upload_ttl / 4))
         self._sweeper = PeriodicCallback(self.sweep, interval * 1000)
         self._sweeper.start()
+        # A client that is slow to send its headers or its body is dropped (HEADER_TIMEOUT,
+        # BODY_TIMEOUT). Bodies above SERVER_MAX_BODY are refused unread; /upload raises its own.
         self.server = httpserver.HTTPServer(
-            self.app, xheaders=False, idle_connection_timeout=60, body_timeout=300,
-            max_body_size=self.settings.upload_max_bytes + 2 * 1024 * 1024, max_header_size=64 * 1024)
+            self.app, xheaders=False, idle_connection_timeout=self.settings.header_timeout,
+            body_timeout=self.settings.body_timeout, max_body_size=SERVER_MAX_BODY,
+            max_header_size=64 * 1024)
         port = self.settings.port if port is None else port
         sockets = bind_sockets(port, host if host is not None else self.settings.host)
         self.server.add_sockets(sockets)

@@ -120,6 +120,10 @@ OPTIONS: tuple[Option, ...] = (
            "seconds one HTTP call to a backend may take"),
     Option("HEALTH_CHECK_INTERVAL", "5", _positive_float,
            "seconds between health probes of a backend (also the probe's timeout)"),
+    Option("HEADER_TIMEOUT", "60", _positive_float,
+           "seconds a client may take to send a request's headers (also the keep-alive idle limit)"),
+    Option("BODY_TIMEOUT", "300", _positive_float,
+           "seconds a client may take to send a request's body (an upload included)"),
     Option("BRIDGE_API_KEY", "", _text, "when set, clients must send this key"),
     Option("CORS_ORIGINS", "", _origins, "comma-separated browser origins allowed (CORS)"),
 )
@@ -146,6 +150,8 @@ class Settings:
     free_after_n_generations: int
     backend_timeout: float
     health_check_interval: float
+    header_timeout: float
+    body_timeout: float
     bridge_api_key: str = field(repr=False)
     cors_origins: tuple[str, ...]
 

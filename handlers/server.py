@@ -5,7 +5,7 @@ import time
 
 from tornado import web
 
-from .base import JsonHandler
+from .base import JsonHandler, scrub, to_json_bytes
 
 
 class GenerationCountHandler(JsonHandler):
@@ -32,6 +32,22 @@ class PageHandler(web.StaticFileHandler):
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise web.HTTPError(404) from None
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        # JSON like every other answer of the bridge; never tornado's page, never a path on disk.
+        reasons = {403: "not a file of the test page", 404: "no such file"}
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        detail = f"{reasons.get(status_code, self._reason)}: {self.request.path}"
+        self.finish(to_json_bytes({"detail": detail}))
+
+    def _request_summary(self) -> str:
+        return scrub(f"{self.request.method} {self.request.uri} ({self.request.remote_ip})")
 
 
 routes = [

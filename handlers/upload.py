@@ -15,9 +15,12 @@ log = logging.getLogger("bridge.http")
 @web.stream_request_body
 class UploadHandler(JsonHandler):
     receiver = None
+    buffers_body = False  # streamed to disk below, under its own limit
 
     def prepare(self) -> None:
         super().prepare()
+        if self.request.method == "OPTIONS":
+            return  # a CORS preflight: no body, no receiver
         limit = self.config.upload_max_bytes
         # The server-wide limit sits above ours, so the reply to an oversize body is ours.
         self.request.connection.set_max_body_size(limit + 1024 * 1024)

@@ -14,7 +14,7 @@ from tornado.iostream import StreamClosedError
 
 from balancer.jobs import CONNECTED_DETAIL, LISTENING_DETAIL, status_message
 
-from .base import AccessMixin, ApiError, to_json
+from .base import AccessMixin, ApiError, to_json, to_json_bytes
 
 log = logging.getLogger("bridge.ws")
 
@@ -33,12 +33,15 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
         try:
             self.check_access(self.get_query_argument("token", None))
             self.client = self.client_id()
+            if self.request.headers.get("Upgrade", "").lower() != "websocket":
+                raise ApiError(400, "GET /ws is a websocket: connect with a websocket client "
+                                    "(headers 'Upgrade: websocket' and 'Connection: Upgrade')")
         except ApiError as exc:
             self.set_status(exc.status_code)
             for name, value in exc.headers.items():
                 self.set_header(name, value)
             self.set_header("Content-Type", "application/json; charset=utf-8")
-            self.finish(to_json({"detail": exc.detail}))
+            self.finish(to_json_bytes({"detail": exc.detail}))
             return
         await super().get(*args, **kwargs)
 

@@ -38,6 +38,8 @@ log = logging.getLogger("bridge.catalog")
 
 # Longest string a client may put in a str input (a prompt text is far shorter).
 MAX_STR_LEN = 100_000
+# ComfyUI's widest INT inputs (seeds) take any unsigned 64-bit value; nothing takes more.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 
 # (class_type, input name) pairs whose value names a file in ComfyUI's input
 # folder, i.e. something the client uploads through the bridge first. Kept short
@@ -140,6 +142,9 @@ class ExposedInput:
                 return value
         elif self.type == "int":
             if got == "int":
+                if not INT_MIN <= value <= INT_MAX:
+                    raise CatalogError(f"input '{self.key}' is out of range: {_short(str(value), 40)}; "
+                                       f"an int is between {INT_MIN} and {INT_MAX}")
                 return value
         elif self.type == "float":
             if got in ("int", "float"):
@@ -273,15 +278,17 @@ def _parse_entry(raw: Any) -> _Entry:
 def _resolve_inside(root: Path, name: str) -> Path:
     """The workflow file's path; refuses anything that leaves the workflow dir."""
     rel = PurePosixPath(name.replace("\\", "/"))
+    # Clients read this reason too (GET /workflow-info): a server path is not repeated to them.
+    shown = "(an absolute path)" if rel.is_absolute() else f"'{name}'"
     if rel.is_absolute() or ".." in rel.parts:
-        raise _LoadError(f"workflow file '{name}' must be a path inside the workflow directory")
+        raise _LoadError(f"workflow file {shown} must be a path inside the workflow directory")
     path = root / rel
     # Also refuse a symlink that points out of the directory.
     try:
         path.resolve().relative_to(root.resolve())
-    except ValueError:
+    except ValueError:  # also a NUL byte in the name
         raise _LoadError(
-            f"workflow file '{name}' must be a path inside the workflow directory") from None
+            f"workflow file {shown} must be a path inside the workflow directory") from None
     return path
 
 
