@@ -1,7 +1,7 @@
 """Every route of the bridge, joined from each module's own list."""
 from __future__ import annotations
 
-from . import generate, history, jobs, server, upload, workflows, ws
+from . import generate, history, jobs, metrics, openapi, server, upload, workflows, ws
 from .base import NotFoundHandler
 
 
@@ -14,6 +14,8 @@ def all_routes(static_dir: str) -> list:
         *jobs.routes,
         *ws.routes,
         *server.routes,
+        *metrics.routes,
+        *openapi.routes,
         *server.static_routes(static_dir),
     ]
 

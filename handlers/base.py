@@ -9,6 +9,7 @@ from urllib.parse import unquote_plus
 
 import ujson
 from tornado import web
+from tornado.log import app_log
 from tornado.log import app_log, gen_log
 
 from balancer.service import RequestError
@@ -17,6 +18,13 @@ log = logging.getLogger("bridge.http")
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: "$" would let a trailing newline in
 MAX_JSON_BODY = 1024 * 1024
+_SECRET_QUERY = re.compile(r"(?i)((?:token|api_key|apikey|key)=)[^&\s'\"]*")
+_SECRET_HEADER = re.compile(r"(?i)(bearer\s+|x-api-key[\"']?\s*[:=,]\s*[\"']?)[^\s'\",)]+")
+
+
+def scrub(text: str) -> str:
+    """Keys never reach the logs: `token=`/`key=` query values and bearer tokens become ***."""
+    return _SECRET_HEADER.sub(r"\1***", _SECRET_QUERY.sub(r"\1***", text))
 # Bytes tornado reads for a request whose handler does not raise its limit (only /upload does):
 # enough for the JSON body, so an oversized one is refused from its Content-Length, not buffered.
 SERVER_MAX_BODY = MAX_JSON_BODY + 64 * 1024
@@ -143,6 +151,22 @@ class AccessMixin:
     @property
     def hub(self):
         return self.application.settings["hub"]
+
+    @property
+    def metrics(self):
+        """The bridge's `BridgeMetrics`, or None in an application built without one."""
+        return self.application.settings.get("metrics")
+
+    def _request_summary(self) -> str:
+        # tornado logs this for every HTTPError and uncaught exception: the query may hold ?token=.
+        return scrub(f"{self.request.method} {self.request.uri} ({self.request.remote_ip})")
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
+        else:
+            # tornado's own line adds repr(request), whose uri is not scrubbed.
+            app_log.error("Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
 
     @property
     def metrics(self):

@@ -36,6 +36,8 @@ class FreeHandler(JsonHandler):
         if client_id is not None and self.service.get(client_id) is None:
             raise ApiError(400, NOT_RECOGNIZED.format(client_id))
         await self.service.free(client_id)
+        if self.metrics is not None:
+            self.metrics.count_free(client_id)
         self.write_json({"detail": f"server memory free now / {client_id or 'ALL'}"})
 
 

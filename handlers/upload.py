@@ -54,7 +54,15 @@ class UploadHandler(JsonHandler):
         except OSError as exc:
             self.receiver.abort()
             raise _storage_error(exc) from None
+        if self.metrics is not None:
+            self.metrics.count_upload([self._size(name) for name in saved.values()])
         self.write_json(saved)
+
+    def _size(self, saved_name: str) -> int:
+        try:
+            return self.uploads.path(saved_name).stat().st_size
+        except OSError:
+            return 0
 
     def _refuse(self, error: ApiError) -> None:
         """Answer now, mid-body; the rest of the body is read and dropped."""
