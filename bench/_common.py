@@ -27,6 +27,14 @@ REPO = BENCH_DIR.parent
 PYTHON = sys.executable
 LOOPBACK = "127.0.0.1"   # every process here listens and connects on loopback only
 
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # so that `with Stack(...)` stops what it started
+
+
+signal.signal(signal.SIGTERM, _terminate)
+
 # Settings the bridge reads from the environment: cleared so only our flags count.
 BRIDGE_ENV_KEYS = (
     "HOST", "PORT", "COMFYUI_SERVERS", "LOGGING_LEVEL", "WORKFLOW_DIR", "WORKFLOW_ALIAS", "DATA_DIR",
@@ -105,7 +113,21 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def pids(self) -> set[int]:
+        return {self.pid}
+
+    def sample_cpu(self) -> None:
+        """Remember the CPU jiffies this process (and its python child) used so far."""
+        if not hasattr(self, "jiffies"):
+            self.jiffies = {}
+        if self.alive():
+            for pid in self.pids():
+                j = process_jiffies(pid)
+                if j:
+                    self.jiffies[pid] = j
+
     def stop(self, timeout: float = 15.0) -> int | None:
+        self.sample_cpu()
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -187,12 +209,21 @@ class BridgeProc(Proc):
             time.sleep(0.05)
         raise RuntimeError("py-spy started no bridge process")
 
+    def pids(self) -> set[int]:
+        if self.profile is None:
+            return {self.pid}
+        try:
+            return {self.pid, self.python_pid}
+        except (OSError, RuntimeError):
+            return {self.pid}
+
     def wait_ready(self, deadline: float = 60.0) -> None:
         def ready(body: bytes) -> bool:
             return json.loads(body).get("backends_up") == self.backends
         wait_http(f"{self.base}/healthz", deadline, self, ready)
 
     def stop(self, timeout: float = 30.0) -> int | None:
+        self.sample_cpu()
         if self.profile is not None and self.alive():
             try:
                 os.kill(self.python_pid, signal.SIGTERM)  # py-spy writes its file once the bridge exits
@@ -221,16 +252,70 @@ def wait_http(url: str, deadline: float, proc: Proc, ready=None) -> None:
     raise RuntimeError(f"{proc.name} not ready after {deadline}s ({url}: {last}):\n{proc.log_tail()}")
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def process_jiffies(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except OSError:
+        return 0
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    b0, t0 = machine_jiffies()
+    time.sleep(seconds)
+    b1, t1 = machine_jiffies()
+    return (os.cpu_count() or 1) * (b1 - b0) / max(1, t1 - t0)
+
+
+# Other sessions may share this machine: every run waits until it is quiet, and says how much
+# CPU processes it did not start used while it ran ("foreign load").
+QUIET_CORES = 0.3
+QUIET_WAIT = 180.0
+
+
+def wait_quiet(threshold: float = QUIET_CORES, max_wait: float = QUIET_WAIT) -> float:
+    end = time.monotonic() + max_wait
+    while True:
+        busy = busy_cores(1.0)
+        if busy <= threshold or time.monotonic() > end:
+            return busy
+        print(f"(waiting for the machine to be quiet: {busy:.2f} cores busy with other work)",
+              file=sys.stderr, flush=True)
+        time.sleep(4.0)
+
+
 class Stack:
-    """The processes of one run, in a temporary dir; stopped (bridge first) on exit."""
+    """The processes of one run, in a temporary dir; stopped (bridge first) on exit.
+
+    It waits for a quiet machine first, and measures the CPU that other processes used while
+    it ran (`foreign_cores`, in cores): a figure taken under foreign load is suspect."""
 
     def __init__(self, args, label: str):
         self.root = Path(args.root).resolve()
         self.keep = args.keep_logs
+        self.quiet_before = wait_quiet()
         self.dir = Path(tempfile.mkdtemp(prefix=f"bench-{label}-"))
         (self.dir / "no.env").write_text("")
         self.sims: list[Sim] = []
         self.bridge: BridgeProc | None = None
+        self._t0 = time.monotonic()
+        self._machine0 = machine_jiffies()
+        self._self0 = process_jiffies(os.getpid())
+        self.foreign_cores: float | None = None
+
+    def _own_jiffies(self) -> int:
+        total = 0
+        for proc in [*self.sims, *([self.bridge] if self.bridge else [])]:
+            proc.sample_cpu()
+            total += sum(getattr(proc, "jiffies", {}).values())
+        return total
 
     def sim(self, name: str, tick_seconds: float = 0.05, timeline: bool = False) -> Sim:
         sim = Sim(self.root, self.dir, name, tick_seconds, timeline)
@@ -245,6 +330,13 @@ class Stack:
         return self.bridge
 
     def stop(self) -> None:
+        if self.foreign_cores is None:
+            busy1, total1 = machine_jiffies()
+            own = self._own_jiffies() + process_jiffies(os.getpid()) - self._self0
+            busy0, total0 = self._machine0
+            cores = os.cpu_count() or 1
+            self.foreign_cores = max(0.0, cores * (busy1 - busy0 - own) / max(1, total1 - total0))
+            FOREIGN.append(self.foreign_cores)
         if self.bridge is not None:
             self.bridge.stop()
         for sim in self.sims:
@@ -261,6 +353,18 @@ class Stack:
         else:
             print(f"(logs kept in {self.dir})", file=sys.stderr)
         return False
+
+
+FOREIGN: list[float] = []   # foreign load of every Stack of this process, in cores
+
+
+def foreign_note() -> str:
+    if not FOREIGN:
+        return "foreign load not measured"
+    worst = max(FOREIGN)
+    flag = " - SUSPECT: other work shared the machine" if worst > 0.2 else ""
+    return (f"CPU used by processes this bench did not start, per run: "
+            f"{', '.join(f'{x:.2f}' for x in FOREIGN)} cores (of {os.cpu_count()}){flag}")
 
 
 def rss_kb(pid: int, field: str = "VmRSS") -> int:
@@ -446,6 +550,7 @@ def report(title: str, args, rows: list[dict], notes: list[str] = (), extra: dic
     for r in rows:
         met = {True: "MET ", False: "MISS", None: "    "}[r.get("met")]
         print(f"  {met} {r['figure']:<{width}}  {r['value']}   [goal {r['goal']}]")
+    notes = [*notes, foreign_note()]
     for note in notes:
         print(f"  note: {note}")
     if args.json:
