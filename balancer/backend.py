@@ -31,6 +31,7 @@ CONNECT_TIMEOUT = 5.0
 PROBE_BACKOFF_START = 0.25
 PROBE_BACKOFF_MAX = 10.0
 UNROUTED_EVENTS_KEPT = 256
+HEALTH_MISSES_ALLOWED = 2
 
 
 class BackendUnavailable(Exception):
@@ -158,13 +159,19 @@ class Backend:
 
     async def _watch_health(self) -> None:
         """A hung server keeps its sockets open and answers websocket pings from its event
-        loop, yet never answers a request: only a request with a deadline notices."""
+        loop, yet never answers a request: only a request with a deadline notices. Two misses
+        in a row are needed, so one slow answer from a busy GPU server does not move its jobs."""
+        misses = 0
         while self.up:
             await asyncio.sleep(self.health_interval)
             try:
-                await self.call("GET", "/system_stats", timeout=self.health_interval)
-            except BackendUnavailable:
-                return  # call() marked it down, which closes the websocket
+                await self.call("GET", "/system_stats", timeout=self.health_interval, mark_down=False)
+                misses = 0
+            except BackendUnavailable as exc:
+                misses += 1
+                if misses >= HEALTH_MISSES_ALLOWED:
+                    self.mark_down(f"health probe: {exc}")
+                    return
             except BackendRejected as exc:
                 self.mark_down(f"health probe answered HTTP {exc.status}")
                 return
@@ -229,10 +236,9 @@ class Backend:
 
     # ------------------------------------------------------------------ HTTP
     async def call(self, method: str, path: str, body=None, *, timeout: float | None = None,
-                   params: dict | None = None, raw: bool = False,
-                   streaming_callback: Callable[[bytes], None] | None = None):
-        """One HTTP call with explicit timeouts. JSON in, JSON out (or bytes with raw=True)."""
-        url = self.base_url + path + (f"?{urlencode(params)}" if params else "")
+                   mark_down: bool = True):
+        """One HTTP call with explicit timeouts. JSON in, JSON out."""
+        url = self.base_url + path
         headers = HTTPHeaders()
         payload = None
         if body is not None:
@@ -246,14 +252,12 @@ class Backend:
         total = timeout if timeout is not None else self.request_timeout
         request = httpclient.HTTPRequest(
             url, method=method, body=payload, headers=headers, connect_timeout=min(CONNECT_TIMEOUT, total),
-            request_timeout=total, streaming_callback=streaming_callback, decompress_response=True,
-            follow_redirects=False)
-        response = await self.fetch(request, f"{method} {path}")
-        if raw or streaming_callback is not None:
-            return response.body
+            request_timeout=total, decompress_response=True, follow_redirects=False)
+        response = await self.fetch(request, f"{method} {path}", mark_down)
         return json_or_none(response.body)
 
-    async def fetch(self, request: httpclient.HTTPRequest, what: str) -> httpclient.HTTPResponse:
+    async def fetch(self, request: httpclient.HTTPRequest, what: str,
+                    mark_down: bool = True) -> httpclient.HTTPResponse:
         """Send a prepared request; failures become BackendUnavailable (marking this backend
         down) or BackendRejected (4xx)."""
         try:
@@ -265,7 +269,8 @@ class Backend:
             reason = str(response.error) if response.code == 599 else f"HTTP {response.code}"
         if response is None or response.code == 599 or response.code >= 500:
             failure = f"{what}: {reason}"
-            self.mark_down(failure)
+            if mark_down:
+                self.mark_down(failure)
             raise BackendUnavailable(failure)
         if response.code >= 400:
             raise BackendRejected(response.code, json_or_none(response.body))

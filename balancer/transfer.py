@@ -19,6 +19,7 @@ from .backend import CONNECT_TIMEOUT, Backend, BackendRejected, json_or_none
 from .prompts import OutputItem
 
 CHUNK = 256 * 1024
+UPLOAD_SUBFOLDER = "bridge"
 # Slow links: allow at least this many bytes per second before an upload or download times out.
 MIN_TRANSFER_RATE = 1024 * 1024
 
@@ -33,7 +34,9 @@ async def upload_file(backend: Backend, path: Path) -> str:
     size = path.stat().st_size
     boundary = uuid.uuid4().hex
     name = path.name
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
+    # Our own subfolder: the bridge never overwrites a file someone else put on that server.
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"subfolder\"\r\n\r\n{UPLOAD_SUBFOLDER}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode()
     tail = f"\r\n--{boundary}--\r\n".encode()

@@ -115,7 +115,7 @@ async def test_generate_applies_inputs_and_keeps_defaults(api, sim):
     graph = sent["prompt"]
     assert graph["2"]["inputs"]["width"] == 8 and graph["2"]["inputs"]["height"] == 6
     assert graph["3"]["inputs"]["blur_radius"] == 3 and graph["3"]["inputs"]["sigma"] == 1.0  # defaults
-    assert graph["1"]["inputs"]["image"] == saved  # the name the backend got through /upload/image
+    assert graph["1"]["inputs"]["image"] == f"bridge/{saved}"  # as the backend named it in /upload/image
     assert "client_id" in sent and "prompt_id" in sent
 
 
