@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import functools
 import logging
-import re
 import signal
 import sys
 import time
