@@ -9,7 +9,6 @@ from urllib.parse import unquote_plus
 
 import ujson
 from tornado import web
-from tornado.log import app_log
 from tornado.log import app_log, gen_log
 
 from balancer.service import RequestError
@@ -18,16 +17,10 @@ log = logging.getLogger("bridge.http")
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: "$" would let a trailing newline in
 MAX_JSON_BODY = 1024 * 1024
-_SECRET_QUERY = re.compile(r"(?i)((?:token|api_key|apikey|key)=)[^&\s'\"]*")
-_SECRET_HEADER = re.compile(r"(?i)(bearer\s+|x-api-key[\"']?\s*[:=,]\s*[\"']?)[^\s'\",)]+")
-
-
-def scrub(text: str) -> str:
-    """Keys never reach the logs: `token=`/`key=` query values and bearer tokens become ***."""
-    return _SECRET_HEADER.sub(r"\1***", _SECRET_QUERY.sub(r"\1***", text))
 # Bytes tornado reads for a request whose handler does not raise its limit (only /upload does):
 # enough for the JSON body, so an oversized one is refused from its Content-Length, not buffered.
 SERVER_MAX_BODY = MAX_JSON_BODY + 64 * 1024
+CHUNKED_DRAIN = 8 * MAX_JSON_BODY
 CORS_MAX_AGE = "600"
 _SECRET_QUERY = re.compile(r"(?i)((?:token|api_key|apikey|key)=)[^&\s'\"]*")
 _SECRET_HEADER = re.compile(r"(?i)(bearer\s+|x-api-key[\"']?\s*[:=,]\s*[\"']?)[^\s'\",)]+")
@@ -161,22 +154,6 @@ class AccessMixin:
         # tornado logs this for every HTTPError and uncaught exception: the query may hold ?token=.
         return scrub(f"{self.request.method} {self.request.uri} ({self.request.remote_ip})")
 
-    def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, web.HTTPError):
-            super().log_exception(typ, value, tb)
-        else:
-            # tornado's own line adds repr(request), whose uri is not scrubbed.
-            app_log.error("Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
-
-    @property
-    def metrics(self):
-        """The bridge's `BridgeMetrics`, or None in an application built without one."""
-        return self.application.settings.get("metrics")
-
-    def _request_summary(self) -> str:
-        # tornado logs this for every HTTPError and uncaught exception: the query may hold ?token=.
-        return scrub(f"{self.request.method} {self.request.uri} ({self.request.remote_ip})")
-
     def decode_argument(self, value: bytes, name: str | None = None) -> str:
         try:
             return value.decode("utf-8")
@@ -230,17 +207,22 @@ class JsonHandler(AccessMixin, web.RequestHandler):
             self._limit_body()
 
     def _limit_body(self) -> None:
-        self.request.connection.set_max_body_size(SERVER_MAX_BODY)
         declared = self.request.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > MAX_JSON_BODY:
+            self.request.connection.set_max_body_size(SERVER_MAX_BODY)
             raise ApiError(413, f"request body is {int(declared)} bytes; the limit is {MAX_JSON_BODY}")
+        # A chunked body (no Content-Length) over the limit is drained, not kept, up to this much;
+        # past it tornado gives up on the connection.
+        self.request.connection.set_max_body_size(SERVER_MAX_BODY if declared else CHUNKED_DRAIN)
         self._body = bytearray()
 
     def data_received(self, chunk: bytes) -> None:
         if self._body is None:
             return
         if len(self._body) + len(chunk) > MAX_JSON_BODY:
-            self._body, self._body_too_large = None, True  # refused when the handler reads it
+            # The rest is read and dropped, then json_body() answers 413: answering now would
+            # close the connection under a client still sending, which then never sees the reply.
+            self._body, self._body_too_large = None, True
             return
         self._body += chunk
 
