@@ -289,6 +289,7 @@ class JobService:
     async def _free_backend(self, backend: Backend) -> None:
         try:
             await backend.call("POST", "/free", {"unload_models": True, "free_memory": True})
+            self.counters["free_sent"] += 1
             backend.stats.since_free = 0
             log.info("backend %s asked to free memory", backend.address)
         except (BackendUnavailable, BackendRejected) as exc:
@@ -531,6 +532,7 @@ class JobService:
             job.prompt_id = None
             job.state = JobState.QUEUED
             self.queue.appendleft(job)
+            self._transition(job, "requeued", backend, reason="out of memory; retrying once after /free")
             self._schedule_pump()
             return
         self._release(job)
@@ -640,7 +642,9 @@ class JobService:
         job's new state on disk (the returned future resolves once it is written)."""
         extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
         level = logging.WARNING if event == "requeued" else logging.INFO
-        log.log(level, "job %s client=%s job=%s workflow=%s prompt=%s backend=%s %s", event, job.client_id,
+        if job.dispatched_at is not None and event in ("failed", "cancelled") and "duration" not in detail:
+            detail["duration"] = time.monotonic() - job.dispatched_at
+        log.log(level, "job %s clientId=%s job=%s workflow=%s prompt=%s backend=%s %s", event, job.client_id,
                 job.id, job.alias, job.prompt_id or "-", backend.address if backend else "-", extra)
         for observer in self.observers:
             observer(event, job, backend, detail)

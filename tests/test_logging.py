@@ -59,14 +59,14 @@ async def test_job_transition_lines_carry_the_facts(api, bridge, sim, caplog):
     await api.wait_status(failed, "error")
 
     lines = messages(caplog, "bridge.jobs")
-    mine = [line for line in lines if f"client={done} " in line]
+    mine = [line for line in lines if f"clientId={done} " in line]
     assert [line.split()[1] for line in mine] == ["queued", "dispatched", "done"], mine
     done_line = mine[-1]
     assert f"prompt={prompt_id} " in done_line and f"backend={sim.address} " in done_line
     assert "workflow=invert" in done_line
     assert re.search(r"duration=\d+\.\d{3}", done_line) and "files=1" in done_line
     assert re.search(r"waited=\d+\.\d{3}", mine[1])
-    failed_line = next(line for line in lines if line.startswith("job failed") and f"client={failed} " in line)
+    failed_line = next(line for line in lines if line.startswith("job failed") and f"clientId={failed} " in line)
     assert f"backend={sim.address} " in failed_line and "reason=interrupted" in failed_line
     assert "prompt=-" not in failed_line
 
