@@ -21,24 +21,15 @@ from PIL import Image
 from tornado import httpclient, websocket
 
 from bridge import Bridge
+from comfysim.testing import wait_until
 from settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
 
 
-async def wait_for(predicate, timeout: float = TIMEOUT, interval: float = 0.01, what: str = "condition"):
-    """Poll `predicate` (sync or async) until truthy, or fail after `timeout` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(interval)
+# Poll a sync or async predicate until truthy, with a deadline (shared with the simulator's tests).
+wait_for = wait_until
 
 
 def png_bytes(width: int = 16, height: int = 12, seed: int = 1) -> bytes:

@@ -8,6 +8,13 @@ async def start_slow(api, client_id, steps=200):
     return saved
 
 
+async def next_job_runs(api):
+    other = new_client_id()
+    saved = await api.upload(png_bytes())
+    await api.generate(other, {"workflow": "invert", "1/image": saved})
+    await api.wait_status(other, "closed")
+
+
 async def test_interrupt_running_job_targets_its_prompt_only(api, bridge, sim):
     sim.tick_seconds = 0.05
     client_id = new_client_id()
@@ -24,11 +31,7 @@ async def test_interrupt_running_job_targets_its_prompt_only(api, bridge, sim):
     assert None not in sim.interrupt_calls  # never a global interrupt
     info = await api.json(f"/execution-info?clientId={client_id}")
     assert info["status"] == "error" and info["detail"].startswith("interrupted")
-    # The slot is free: the next job runs.
-    other = new_client_id()
-    saved = await api.upload(png_bytes())
-    await api.generate(other, {"workflow": "invert", "1/image": saved})
-    await api.wait_status(other, "closed")
+    await next_job_runs(api)  # the slot is free
 
 
 async def test_interrupt_queued_job_never_reaches_a_backend(api, bridge, sim):
@@ -63,10 +66,7 @@ async def test_closing_socket_cancels_running_job_and_frees_slot(api, bridge, si
     await wait_for(lambda: prompt_id in sim.interrupt_calls, what="targeted interrupt after socket close")
     assert None not in sim.interrupt_calls
     assert bridge.service.backends[0].in_flight == set()
-    other = new_client_id()
-    saved = await api.upload(png_bytes())
-    await api.generate(other, {"workflow": "invert", "1/image": saved})
-    await api.wait_status(other, "closed")
+    await next_job_runs(api)
 
 
 async def test_closing_socket_drops_queued_job(api, bridge, sim):
