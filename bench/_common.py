@@ -355,16 +355,36 @@ class Stack:
         return False
 
 
-FOREIGN: list[float] = []   # foreign load of every Stack of this process, in cores
+FOREIGN: list[float] = []    # foreign load of every Stack of this process, in cores
+ACCEPTED: list[float] = []   # the same, of the runs whose figures were kept
+DISCARDED: list[float] = []
+MAX_FOREIGN = 0.3            # cores; a run with more foreign load is repeated
+
+
+def quiet_run(run, attempts: int = 3):
+    """Call `run()` (one measured run, one or more Stacks); when other processes used more than
+    MAX_FOREIGN cores meanwhile, throw its figures away and run it again (at most `attempts`)."""
+    for attempt in range(attempts):
+        mark = len(FOREIGN)
+        result = run()
+        foreign = max(FOREIGN[mark:], default=0.0)
+        if foreign <= MAX_FOREIGN or attempt == attempts - 1:
+            ACCEPTED.append(foreign)
+            return result
+        DISCARDED.append(foreign)
+        print(f"(run discarded: processes this bench did not start used {foreign:.2f} cores meanwhile; "
+              "running it again)", file=sys.stderr, flush=True)
 
 
 def foreign_note() -> str:
-    if not FOREIGN:
+    kept = ACCEPTED or FOREIGN
+    if not kept:
         return "foreign load not measured"
-    worst = max(FOREIGN)
-    flag = " - SUSPECT: other work shared the machine" if worst > 0.2 else ""
-    return (f"CPU used by processes this bench did not start, per run: "
-            f"{', '.join(f'{x:.2f}' for x in FOREIGN)} cores (of {os.cpu_count()}){flag}")
+    flag = (" - SUSPECT: other work shared the machine" if max(kept) > MAX_FOREIGN else "")
+    dropped = (f"; {len(DISCARDED)} run(s) discarded and repeated for foreign load above {MAX_FOREIGN} cores"
+               if DISCARDED else "")
+    return (f"CPU used by processes this bench did not start, per kept run: "
+            f"{', '.join(f'{x:.2f}' for x in kept)} cores (of {os.cpu_count()}){flag}{dropped}")
 
 
 def rss_kb(pid: int, field: str = "VmRSS") -> int:

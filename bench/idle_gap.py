@@ -129,7 +129,7 @@ def main() -> int:
         runs = []
         for r in range(args.runs):
             profile = c.profile_path(args) if (r == args.runs - 1 and variant == variants[-1]) else None
-            res = one_run(args, variant, r, profile)
+            res = c.quiet_run(lambda: one_run(args, variant, r, profile))
             runs.append(res)
             print(f"{variant} run {r + 1}/{args.runs}: idle median {res['median_ms']:.2f} ms, p90 {res['p90_ms']:.2f} ms, "
                   f"max {res['max_ms']:.1f} ms ({len(res['gaps_ms'])} gaps); prompt run time {res['run_ms']:.2f} ms",

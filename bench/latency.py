@@ -220,10 +220,12 @@ def main() -> int:
     runs = []
     for r in range(args.runs):
         profile = c.profile_path(args) if r == args.runs - 1 else None
-        with c.Stack(args, "latency") as stack:
-            stack.sim("sim-lat", tick_seconds=0.01)
-            bridge = stack.start_bridge(settings, profile)
-            result = asyncio.run(one_run(stack, bridge, workflows, args.jobs, args.warmup))
+        def run_once():
+            with c.Stack(args, "latency") as stack:
+                stack.sim("sim-lat", tick_seconds=0.01)
+                bridge = stack.start_bridge(settings, profile)
+                return asyncio.run(one_run(stack, bridge, workflows, args.jobs, args.warmup))
+        result = c.quiet_run(run_once)
         runs.append(result)
         summary = []
         for name in workflows:

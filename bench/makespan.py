@@ -130,7 +130,7 @@ def main() -> int:
     args = p.parse_args()
     runs = []
     for r in range(args.runs):
-        res = one_run(args, r, c.profile_path(args) if r == args.runs - 1 else None)
+        res = c.quiet_run(lambda: one_run(args, r, c.profile_path(args) if r == args.runs - 1 else None))
         runs.append(res)
         detail = ", ".join(f"{b['jobs']} jobs x {1000 * b['t']:.0f} ms (ideal {b['share_ideal']:.1f}, busy "
                            f"{100 * b['busy_share']:.0f}%, idle gap {b['idle_gap_ms']:.1f} ms)" for b in res["backends"])

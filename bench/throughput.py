@@ -128,7 +128,7 @@ def main() -> int:
         for r in range(args.runs):
             last = r == args.runs - 1 and mode == modes[-1]
             profile = c.profile_path(args) if last else None
-            res = one_run(args, mode, r, profile)
+            res = c.quiet_run(lambda: one_run(args, mode, r, profile))
             runs.append(res)
             print(f"{mode} run {r + 1}/{args.runs}: {res['rps']:.0f} req/s ({res['ok']} ok, statuses "
                   f"{res['statuses']}), p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, bridge cpu "

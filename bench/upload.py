@@ -141,7 +141,7 @@ def main() -> int:
     args = p.parse_args()
     runs = []
     for r in range(args.runs):
-        res = one_run(args, c.profile_path(args) if r == args.runs - 1 else None)
+        res = c.quiet_run(lambda: one_run(args, c.profile_path(args) if r == args.runs - 1 else None))
         runs.append(res)
         print(f"run {r + 1}/{args.runs}: {res['mbps']:.0f} MB/s ({res['seconds']:.2f} s), peak RSS growth "
               f"{res['peak_growth_mb']:.1f} MB (sampled {res['sampled_growth_mb']:.1f} MB; RSS before "

@@ -221,10 +221,12 @@ def main() -> int:
     runs = []
     for r in range(args.runs):
         profile = c.profile_path(args) if r == args.runs - 1 else None
-        with c.Stack(args, "websockets") as stack:
-            stack.sim("sim-ws")
-            bridge = stack.start_bridge(settings, profile)
-            res = asyncio.run(one_run(bridge, args.sockets, args.hold, r))
+        def run_once():
+            with c.Stack(args, "websockets") as stack:
+                stack.sim("sim-ws")
+                bridge = stack.start_bridge(settings, profile)
+                return asyncio.run(one_run(bridge, args.sockets, args.hold, r))
+        res = c.quiet_run(run_once)
         runs.append(res)
         print(f"run {r + 1}/{args.runs}: {res['kb_per_socket']:.1f} KB/socket (RSS {res['rss_before_mb']:.0f} -> "
               f"{res['rss_open_mb']:.0f} -> {res['rss_after_hold_mb']:.0f} MB), opened in {res['open_seconds']:.1f} s, "
