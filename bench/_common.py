@@ -291,6 +291,25 @@ def wait_quiet(threshold: float = QUIET_CORES, max_wait: float = QUIET_WAIT) -> 
         time.sleep(4.0)
 
 
+CALIBRATIONS: list[float] = []  # ms of the fixed workload below, once per Stack
+
+
+def calibrate() -> float:
+    """Milliseconds this machine takes now for a fixed pure-Python workload (best of 5).
+
+    The CPU this VM gets varies over time (by a factor of 2 within an hour here): comparing
+    figures taken at different times is only fair relative to this number."""
+    payload = {"prompt": {str(i): {"class_type": "Node", "inputs": {"a": i, "b": [str(i - 1), 0]}} for i in range(50)}}
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(200):
+            json.loads(json.dumps(payload))
+        best = min(best, time.perf_counter() - t)
+    CALIBRATIONS.append(1000 * best)
+    return 1000 * best
+
+
 class Stack:
     """The processes of one run, in a temporary dir; stopped (bridge first) on exit.
 
@@ -301,6 +320,7 @@ class Stack:
         self.root = Path(args.root).resolve()
         self.keep = args.keep_logs
         self.quiet_before = wait_quiet()
+        self.calibration_ms = calibrate()
         self.dir = Path(tempfile.mkdtemp(prefix=f"bench-{label}-"))
         (self.dir / "no.env").write_text("")
         self.sims: list[Sim] = []
@@ -571,12 +591,17 @@ def report(title: str, args, rows: list[dict], notes: list[str] = (), extra: dic
         met = {True: "MET ", False: "MISS", None: "    "}[r.get("met")]
         print(f"  {met} {r['figure']:<{width}}  {r['value']}   [goal {r['goal']}]")
     notes = [*notes, foreign_note()]
+    if CALIBRATIONS:
+        notes.append(f"machine speed: a fixed Python workload took {median(CALIBRATIONS):.1f} ms (min "
+                     f"{min(CALIBRATIONS):.1f}, max {max(CALIBRATIONS):.1f}) at the start of the runs; "
+                     "lower is faster, compare figures of different days through it")
     for note in notes:
         print(f"  note: {note}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "title": title, "machine": info, "code": code_version(Path(args.root)), "command": command_line(),
-            "rows": rows, "notes": list(notes), **(extra or {})}, indent=2, default=str))
+            "rows": rows, "notes": list(notes), "calibration_ms": CALIBRATIONS, "foreign_cores": ACCEPTED,
+            **(extra or {})}, indent=2, default=str))
 
 
 IDLE_LEAVES = ("EpollSelector.select (", "select (selectors.py", "_worker (concurrent/futures/thread.py",

@@ -143,7 +143,7 @@ def main() -> int:
             "value": (f"{c.fmt_spread(rps, ' req/s', 0)}; = {ratio['median']:.2f} x GET /healthz "
                       f"({c.median([r['healthz_rps'] for r in runs]):.0f} req/s); request p50 "
                       f"{c.median([r['p50_ms'] for r in runs]):.1f} ms, p99 {c.median([r['p99_ms'] for r in runs]):.1f} ms"),
-            "met": rps["median"] >= GOAL_RPS,
+            "met": rps["median"] >= GOAL_RPS, "number": rps["median"],
             "data": {"rps": rps, "ratio_to_healthz": ratio, "runs": runs}})
         notes.append(f"{mode}: bridge CPU {100 * c.median([r['bridge_cpu'] for r in runs]):.0f}% of a core, "
                      f"load generator {100 * c.median([r['loadgen_cpu'] for r in runs]):.0f}%; "
