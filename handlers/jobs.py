@@ -1,7 +1,7 @@
 """Per-client job endpoints: GET /execution-info, POST /interrupt, POST /free."""
 from __future__ import annotations
 
-from balancer.jobs import JobState
+from balancer.jobs import CONNECTED_DETAIL, JobState, status_message
 
 from .base import ApiError, JsonHandler
 
@@ -12,9 +12,12 @@ class ExecutionInfoHandler(JsonHandler):
     def get(self) -> None:
         client_id = self.client_id()
         job = self.service.get(client_id)
-        if job is None:
+        if job is not None:
+            self.write_json(self.service.status(job))
+        elif self.hub.connected(client_id):  # its websocket is open; generate has not come yet
+            self.write_json(status_message("connected", CONNECTED_DETAIL))
+        else:
             raise ApiError(400, NOT_RECOGNIZED.format(client_id))
-        self.write_json(self.service.status(job))
 
 
 class InterruptHandler(JsonHandler):

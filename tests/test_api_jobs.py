@@ -146,6 +146,14 @@ async def test_execution_info_unknown_client_is_400(api):
     assert "not recognized" in body["detail"]
 
 
+async def test_execution_info_for_an_open_socket_before_generate_is_connected(api):
+    client_id = new_client_id()
+    ws = await api.ws(client_id)
+    await ws.next()
+    info = await api.json(f"/execution-info?clientId={client_id}")
+    assert info == {"status": "connected", "detail": "server connected", "details": "server connected"}
+
+
 async def test_generation_count_counts_successes_and_persists(api, bridge, bridge_factory, sim):
     response = await api.fetch("/generation-count")
     assert response.code == 200 and response.body == b"0"
