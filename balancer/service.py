@@ -19,6 +19,7 @@ from .backend import Backend, BackendRejected, BackendUnavailable
 from .hub import StatusHub
 from .jobs import INTERRUPTED, Job, JobState, StopReason, status_message
 from .progress import ProgressTracker
+from storage.catalog import CatalogError
 from storage.results import ResultFile
 from .prompts import describe_execution_error, describe_rejection, output_files
 from .transfer import download_to, upload_file
@@ -154,7 +155,6 @@ class JobService:
         alias = body.get("workflow")
         if not isinstance(alias, str) or not alias:
             raise RequestError("field 'workflow' is required: the alias of a workflow (see GET /workflow-list)")
-        from storage.catalog import CatalogError  # local: storage is below the core's concern
         try:
             workflow = self.catalog.get(alias)
             values = {k: v for k, v in body.items() if k != "workflow"}
@@ -461,10 +461,8 @@ class JobService:
             if outcome is not None:
                 watch.resolve(*outcome)
                 return True
-        queue = await backend.call("GET", "/queue") or {}
-        known = {item[1] for key in ("queue_running", "queue_pending")
-                 for item in queue.get(key, ()) if isinstance(item, list) and len(item) > 1}
-        if job.prompt_id in known:
+        running, pending = await _backend_queue(backend)
+        if job.prompt_id in running | pending:
             return True  # its events go to the old socket's id: the history poll will see the end
         backend.unlisten(job.prompt_id)
         return False
@@ -602,14 +600,14 @@ class JobService:
     async def _stop_prompt(self, backend: Backend, prompt_id: str) -> None:
         """Stop one prompt and nothing else: delete it if still waiting, interrupt it if running."""
         try:
-            queue = await backend.call("GET", "/queue")
-            running = {item[1] for item in (queue or {}).get("queue_running", []) if len(item) > 1}
-            pending = {item[1] for item in (queue or {}).get("queue_pending", []) if len(item) > 1}
+            running, pending = await _backend_queue(backend)
             if prompt_id in pending:
                 await backend.call("POST", "/queue", {"delete": [prompt_id]})
             elif prompt_id in running:
+                # Only when it runs now: servers older than 2025-09 ignore the prompt_id and
+                # interrupt whatever runs, which is then this prompt.
                 await backend.call("POST", "/interrupt", {"prompt_id": prompt_id})
-        except (BackendUnavailable, BackendRejected, TypeError, AttributeError) as exc:
+        except (BackendUnavailable, BackendRejected) as exc:
             log.warning("could not stop prompt %s on %s: %s", prompt_id, backend.address, exc)
 
     def snapshot(self, now: float) -> dict:
@@ -666,6 +664,17 @@ class JobService:
 
 class _JobFailed(Exception):
     pass
+
+
+async def _backend_queue(backend: Backend) -> tuple[set[str], set[str]]:
+    """Prompt ids running and waiting on a backend (GET /queue items are [number, id, ...])."""
+    answer = await backend.call("GET", "/queue")
+    answer = answer if isinstance(answer, dict) else {}
+
+    def ids(key: str) -> set[str]:
+        items = answer.get(key)
+        return {item[1] for item in items if isinstance(item, list) and len(item) > 1} if isinstance(items, list) else set()
+    return ids("queue_running"), ids("queue_pending")
 
 
 def _outcome_from_history(entry: dict):
