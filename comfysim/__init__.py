@@ -19,7 +19,9 @@ Standalone: ``python -m comfysim --port 8188 --name X --tick-seconds 0.05``.
 
 Constructor: name, tick_seconds, data_dir (None = a temp dir removed by stop()),
 startup_delay (seconds during which the port refuses connections after start()),
-speed (divides tick durations), max_upload_size.
+speed (divides tick durations), max_upload_size, legacy (behave like a ComfyUI from before
+mid-2024: no execution_success / progress_state, client-chosen prompt ids ignored, and a
+/interrupt whose body is ignored, i.e. always global).
 
 Knobs for tests:
   await sim.crash()        die mid-job: stop listening, drop every websocket without a close

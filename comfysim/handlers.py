@@ -183,7 +183,8 @@ class PromptHandler(BaseHandler):
         if "prompt" not in data:
             return self.send_json({"error": _no_prompt(), "node_errors": {}}, 400)
         prompt = data["prompt"]
-        prompt_id = str(data["prompt_id"]) if "prompt_id" in data else str(uuid.uuid4())
+        honoured = "prompt_id" in data and not self.sim.legacy  # client-chosen ids came in 2025-07
+        prompt_id = str(data["prompt_id"]) if honoured else str(uuid.uuid4())
         try:
             ok, error, outputs, node_errors = validate_prompt(
                 prompt, data.get("partial_execution_targets"), self.sim.folders)
@@ -256,7 +257,9 @@ class InterruptHandler(BaseHandler):
         prompt_id = data.get("prompt_id")
         if prompt_id:
             self.sim.interrupt_calls.append(prompt_id)
-            if self.queue.is_running(prompt_id):
+            if self.sim.legacy:  # before 2025-09 the body was ignored: a global interrupt
+                self.sim.interrupt()
+            elif self.queue.is_running(prompt_id):
                 self.sim.interrupt()
             else:
                 log.info("comfysim %s: prompt %s is not running, interrupt ignored", self.sim.name, prompt_id)

@@ -29,6 +29,7 @@ class Runtime:
 
     def __init__(self, sim: "SimulatedComfy"):
         self.hub = Hub(sim._gate)
+        self.hub.legacy = sim.legacy
         self.queue = PromptQueue(self.hub)
         self.executor = Executor(sim, self.hub, sim.folders)
         self.dead = asyncio.Event()   # set when this process "dies": releases hung requests
@@ -42,8 +43,12 @@ class SimulatedComfy:
     """
 
     def __init__(self, name: str = "sim", tick_seconds: float = 0.05, data_dir: Path | str | None = None,
-                 startup_delay: float = 0.0, speed: float = 1.0, max_upload_size: int = protocol.DEFAULT_MAX_UPLOAD_SIZE):
+                 startup_delay: float = 0.0, speed: float = 1.0, max_upload_size: int = protocol.DEFAULT_MAX_UPLOAD_SIZE,
+                 legacy: bool = False):
         self.name = name
+        # An old ComfyUI (before mid-2024): no execution_success/progress_state, its own
+        # prompt ids whatever the client sends, and /interrupt always global.
+        self.legacy = legacy
         self.tick_seconds = tick_seconds
         self.startup_delay = startup_delay
         self.speed = speed

@@ -36,7 +36,13 @@ class Hub:
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._gate = gate
 
+    # Messages a server from before July 2024 never sent (see REFERENCE.md, version notes).
+    LEGACY_ABSENT = frozenset({"execution_success", "progress_state", "feature_flags"})
+    legacy = False
+
     def send(self, event: str, data, sid: str | None = None) -> None:
+        if self.legacy and event in self.LEGACY_ABSENT:
+            return
         # Serialised now: the sender may keep mutating `data` (progress_state does).
         self._outbox.put_nowait((protocol.text_frame(event, data), False, sid))
 
