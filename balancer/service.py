@@ -116,6 +116,7 @@ class JobService:
                 continue
             self.jobs[job.client_id] = job
             backend = by_address.get(record.get("backend"))
+            job.last_backend = backend  # /free?clientId= still finds it
             if job.state is JobState.QUEUED:
                 self.queue.append(job)
             elif job.state is JobState.RUNNING and backend is not None and job.prompt_id:

@@ -139,6 +139,8 @@ async def test_results_waiting_survive_sigkill(cluster):
     cluster.bridge.kill()
     api.close()
     api = await cluster.start_bridge()
+    # The backend that ran a job is remembered too: /free for that clientId still works.
+    assert (await api.json(f"/free?clientId={clients[0]}", "POST"))["detail"].endswith(clients[0])
     for client_id in clients:
         info = await api.json(f"/execution-info?clientId={client_id}")
         assert info["status"] == "closed"
