@@ -1,7 +1,10 @@
 """What every bench/ script shares: starting and stopping the simulators and the bridge as
 subprocesses, readiness polling, a small keep-alive HTTP client, statistics and the report.
 
-Nothing here is imported by the bridge or by the test suite.
+Every run waits for a quiet machine, times a fixed Python workload (the machine's speed drifts),
+and measures the CPU that processes it did not start used meanwhile; `quiet_run` repeats a run
+that had more than MAX_FOREIGN cores of such load. Nothing here is imported by the bridge or by
+the test suite.
 """
 from __future__ import annotations
 
