@@ -305,12 +305,22 @@ class JobService:
     def _pump(self) -> None:
         """Give every queued job that some backend can take now to the best such backend."""
         self._pump_scheduled = False
-        for job in list(self.queue):
+        limit = self.settings.max_inflight_per_server
+        free = sum(limit - len(b.in_flight) for b in self.backends if b.up and len(b.in_flight) < limit)
+        if not free or not self.queue:
+            return  # the common case under load: O(1), not a scan of the whole queue
+        taken = []
+        for job in self.queue:
             backend = self._pick_backend(job)
             if backend is None:
                 continue
-            self._remove_from_queue(job)
+            taken.append(job)
             self._dispatch(job, backend)
+            free -= 1
+            if not free:
+                break
+        for job in taken:
+            self._remove_from_queue(job)
 
     def _pick_backend(self, job: Job) -> Backend | None:
         limit = self.settings.max_inflight_per_server
@@ -400,6 +410,11 @@ class JobService:
                 self._requeue_or_fail(job, f"backend {backend.address} no longer had its prompt", counted=False)
                 return
             outcome, data = await self._await_outcome(job, backend, watch)
+            if outcome == "success":
+                # ComfyUI serves /history and /view while it runs the next prompt: hand the
+                # slot on now, so the GPU does not wait for our downloads.
+                backend.in_flight.discard(job.id)
+                self._schedule_pump()
             if outcome == "error":
                 await self._execution_failed(job, backend, data)
                 return

@@ -15,6 +15,7 @@ from pathlib import Path
 import ujson
 
 log = logging.getLogger("bridge.state")
+MIN_WRITE_INTERVAL = 1.0
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -50,6 +51,9 @@ class StateFile:
         self._count = self._load()
         self._written = self._count
         self._writer: asyncio.Task | None = None
+        self._last_write = float("-inf")
+        self._hurry = False
+        self._hurry_event = asyncio.Event()
 
     def _load(self) -> int:
         for candidate in (self.path, self.backup):
@@ -93,7 +97,16 @@ class StateFile:
     async def _write_until_current(self) -> None:
         loop = asyncio.get_running_loop()
         while self._written != self._count:
+            # At most one write a second: the job database already holds the exact count, so
+            # this file may lag a moment; fsyncs on every finished job would cost the loop.
+            wait = self._last_write + MIN_WRITE_INTERVAL - loop.time()
+            if wait > 0 and not self._hurry:
+                try:
+                    await asyncio.wait_for(self._hurry_event.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
             count = self._count
+            self._last_write = loop.time()
             try:
                 await loop.run_in_executor(None, self._write, count)
             except OSError as exc:
@@ -110,8 +123,12 @@ class StateFile:
 
     async def flush(self) -> None:
         """Wait until the count on disk is the count in memory (used at shutdown and in tests)."""
+        self._hurry = True
+        self._hurry_event.set()
         while self._writer is not None and not self._writer.done():
             await self._writer
         if self._written != self._count:
             self._schedule_write()
             await self._writer
+        self._hurry = False
+        self._hurry_event.clear()
