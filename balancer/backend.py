@@ -79,7 +79,10 @@ class Backend:
         self.health_interval = health_interval
         self._on_up = on_up
         self._on_down = on_down
-        self._http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
+        self._http = _keepalive_client(max_clients)
+        # Uploads stream their body from disk (body_producer), which only tornado's own
+        # client supports; they are rare next to the JSON calls.
+        self._upload_http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
         self.up = False
         self.state_since = time.time()
         self.ws_client_id = ""
@@ -113,6 +116,7 @@ class Backend:
                 self._supervisor.cancel()
                 await asyncio.gather(self._supervisor, return_exceptions=True)
         self._http.close()
+        self._upload_http.close()
 
     async def wait_up(self, timeout: float) -> bool:
         try:
@@ -261,7 +265,8 @@ class Backend:
         """Send a prepared request; failures become BackendUnavailable (marking this backend
         down) or BackendRejected (4xx)."""
         try:
-            response = await self._http.fetch(request, raise_error=False)
+            client = self._upload_http if request.body_producer is not None else self._http
+            response = await client.fetch(request, raise_error=False)
         except (OSError, asyncio.TimeoutError, httpclient.HTTPClientError) as exc:
             # raise_error=False covers HTTP statuses only; timeouts and resets still raise.
             response, reason = None, str(exc)
@@ -275,6 +280,16 @@ class Backend:
         if response.code >= 400:
             raise BackendRejected(response.code, json_or_none(response.body))
         return response
+
+
+def _keepalive_client(max_clients: int) -> httpclient.AsyncHTTPClient:
+    """libcurl keeps connections to the backend open between calls; tornado's simple client
+    opens a new one per call, which was the largest cost per job on loopback (BENCHMARKS.md)."""
+    try:
+        from tornado.curl_httpclient import CurlAsyncHTTPClient
+    except ImportError:  # pycurl missing: correct, only slower
+        return httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
+    return CurlAsyncHTTPClient(force_instance=True, max_clients=max_clients)
 
 
 def json_or_none(body: bytes | None):

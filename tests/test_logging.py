@@ -10,7 +10,7 @@ import pytest
 
 import bridge as bridge_module
 from bridge import SecretFilter, configure_logging
-from tests.conftest import new_client_id, png_bytes
+from tests.conftest import wait_for, new_client_id, png_bytes
 
 KEY = "k3y-that-must-never-be-logged"
 
@@ -54,7 +54,8 @@ async def test_job_transition_lines_carry_the_facts(api, bridge, sim, caplog):
     prompt_id = bridge.service.get(done).prompt_id
     failed = new_client_id()
     await api.generate(failed, {"workflow": "slow-progress", "1/image": saved, "2/steps": 400})
-    await api.wait_status(failed, "progress")
+    # Executing on the backend, not only sent: ComfyUI clears the flag when a prompt starts.
+    await wait_for(lambda: bridge.service.get(failed).percent > 0, what="slow job executing")
     sim.interrupt()
     await api.wait_status(failed, "error")
 
