@@ -53,6 +53,7 @@ class Job:
     requeues: int = 0               # times it went back to the queue after a backend was lost
     oom_retried: bool = False
     percent: float = 0.0
+    executing: bool = False         # the backend has started it (not only received it)
     tracker: ProgressTracker | None = None
     results: list = field(default_factory=list)   # storage.results.ResultFile
     error: str = ""
@@ -108,7 +109,7 @@ class Job:
             return status_message("closed", DONE_DETAIL)
         if self.state is JobState.ERROR:
             return status_message("error", self.error)
-        if self.state is JobState.RUNNING and self.prompt_id is not None:
+        if self.state is JobState.RUNNING and self.executing:
             return status_message("progress", format_percent(self.percent))
         if queue_position is not None:
             return status_message("connected", f"queued / {queue_position}", queue_position=queue_position)

@@ -58,8 +58,12 @@ class _PromptWatch:
         elif kind == "execution_success" or (kind == "executing" and data.get("node") is None):
             # Servers before mid-2024 only end a prompt with `executing {node: null}`.
             self.outcome.set_result(("success", data))
-        elif self.job.tracker is not None and self.job.tracker.on_event(kind, data):
-            self.service._progress(self.job)
+        else:
+            if kind == "execution_start" and not self.job.executing:
+                self.job.executing = True
+                self.service._progress(self.job, started=True)
+            if self.job.tracker is not None and self.job.tracker.on_event(kind, data):
+                self.service._progress(self.job)
 
     def resolve(self, outcome: str, data: dict) -> None:
         if not self.outcome.done():
@@ -395,7 +399,7 @@ class JobService:
             self._fail(job, f"{why}; gave up after {job.attempts} attempts")
             return
         job.requeues += counted
-        job.state = JobState.QUEUED
+        job.state, job.executing = JobState.QUEUED, False
         self.queue.appendleft(job)
         self._transition(job, "requeued", reason=why)
         self._schedule_pump()
@@ -479,6 +483,7 @@ class JobService:
                 return True
         running, pending = await _backend_queue(backend)
         if job.prompt_id in running | pending:
+            job.executing = job.prompt_id in running
             return True  # its events go to the old socket's id: the history poll will see the end
         backend.unlisten(job.prompt_id)
         return False
@@ -544,7 +549,7 @@ class JobService:
             await self._free_backend(backend)
             self._release(job)
             job.prompt_id = None
-            job.state = JobState.QUEUED
+            job.state, job.executing = JobState.QUEUED, False
             self.queue.appendleft(job)
             self._transition(job, "requeued", backend, reason="out of memory; retrying once after /free")
             self._schedule_pump()
@@ -607,10 +612,12 @@ class JobService:
         if self.hub.publish(job.client_id, status_message("error", reason), final=True):
             job.error_reported = True
 
-    def _progress(self, job: Job) -> None:
-        percent = job.tracker.percent
-        if percent > job.percent:
-            job.percent = percent
+    def _progress(self, job: Job, started: bool = False) -> None:
+        """Tell the client when its job starts and whenever its percent moves."""
+        percent = job.tracker.percent if job.tracker is not None else job.percent
+        if percent > job.percent or started:
+            job.percent = max(percent, job.percent)
+            job.executing = True
             self.hub.publish(job.client_id, job.status())
 
     async def _stop_prompt(self, backend: Backend, prompt_id: str) -> None:

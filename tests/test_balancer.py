@@ -247,3 +247,19 @@ async def test_queue_limit_answers_503_with_retry_after(sim, bridge_factory):
     for client_id in clients:
         await api.json(f"/interrupt?clientId={client_id}", "POST")
     api.close()
+
+
+async def test_job_waiting_in_the_backends_own_queue_is_not_yet_progress(sim, bridge_factory):
+    bridge = await bridge_factory([sim], max_inflight_per_server=2)
+    sim.tick_seconds = 0.03
+    api = bridge.api()
+    clients = await submit_slow(api, 2, steps=10)
+    jobs = [bridge.service.get(c) for c in clients]
+    await wait_for(lambda: all(j.prompt_id for j in jobs) and any(j.percent > 0 for j in jobs),
+                   what="both jobs on the backend, one running")
+    running, waiting = clients if jobs[0].percent > 0 else clients[::-1]
+    assert (await api.json(f"/execution-info?clientId={running}"))["status"] == "progress"
+    assert (await api.json(f"/execution-info?clientId={waiting}")) == {
+        "status": "connected", "detail": "server connected", "details": "server connected"}
+    await finish_all(api, clients)
+    api.close()
