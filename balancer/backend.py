@@ -30,7 +30,8 @@ log = logging.getLogger("bridge.backend")
 CONNECT_TIMEOUT = 5.0
 PROBE_BACKOFF_START = 0.25
 PROBE_BACKOFF_MAX = 10.0
-UNROUTED_EVENTS_KEPT = 256
+UNROUTED_PROMPTS_KEPT = 64
+UNROUTED_EVENTS_PER_PROMPT = 256
 HEALTH_MISSES_ALLOWED = 2
 
 
@@ -233,10 +234,15 @@ class Backend:
         if listener is not None:
             listener.on_backend_event(kind, data)
             return
-        # Events can arrive before the POST /prompt answer names the prompt to us.
-        if len(self._unrouted) >= UNROUTED_EVENTS_KEPT:
-            self._unrouted.pop(next(iter(self._unrouted)))
-        self._unrouted.setdefault(prompt_id, []).append((kind, data))
+        # Events can arrive before the POST /prompt answer names the prompt to us. Others'
+        # prompts show up here too (ComfyUI broadcasts progress of prompts without a client),
+        # so both the prompts and the events per prompt kept are bounded.
+        events = self._unrouted.get(prompt_id)
+        if events is None:
+            if len(self._unrouted) >= UNROUTED_PROMPTS_KEPT:
+                self._unrouted.pop(next(iter(self._unrouted)))
+            events = self._unrouted[prompt_id] = deque(maxlen=UNROUTED_EVENTS_PER_PROMPT)
+        events.append((kind, data))
 
     # ------------------------------------------------------------------ HTTP
     async def call(self, method: str, path: str, body=None, *, timeout: float | None = None,

@@ -105,3 +105,17 @@ def test_progress_state_before_executing_keeps_the_node_running():
     before = tracker.percent
     assert tracker.on_event("progress", {"node": "2", "value": 2, "max": 4})
     assert tracker.percent > before
+
+
+def test_events_of_unknown_prompts_are_bounded():
+    """Others' prompts on a shared ComfyUI broadcast progress: the buffer must not grow."""
+    from balancer.backend import UNROUTED_EVENTS_PER_PROMPT, UNROUTED_PROMPTS_KEPT, Backend
+
+    backend = Backend.__new__(Backend)
+    backend._listeners, backend._unrouted = {}, {}
+    for i in range(5000):
+        backend._route("progress", {"prompt_id": "stranger", "value": i, "max": 5000})
+    for i in range(500):
+        backend._route("progress", {"prompt_id": f"p{i}", "value": 1, "max": 1})
+    assert len(backend._unrouted) == UNROUTED_PROMPTS_KEPT
+    assert all(len(events) <= UNROUTED_EVENTS_PER_PROMPT for events in backend._unrouted.values())
