@@ -263,3 +263,21 @@ async def test_job_waiting_in_the_backends_own_queue_is_not_yet_progress(sim, br
         "status": "connected", "detail": "server connected", "details": "server connected"}
     await finish_all(api, clients)
     api.close()
+
+
+async def test_backend_that_lost_its_input_files_gets_them_again(sim, bridge_factory):
+    """A ComfyUI whose input folder was emptied (restart, cleanup) refuses the prompt at
+    validation (LoadImage: invalid image file); the bridge uploads the file again, once."""
+    bridge = await bridge_factory([sim])
+    api = bridge.api()
+    saved = await api.upload(png_bytes())
+    first = new_client_id()
+    await api.generate(first, {"workflow": "blur-scale", "1/image": saved, "2/width": 8, "2/height": 8})
+    await finish_all(api, [first])
+    sim.folders.wipe("input")
+    second = new_client_id()
+    await api.generate(second, {"workflow": "blur-scale", "1/image": saved, "2/width": 9, "2/height": 9})
+    await finish_all(api, [second])
+    uploads = [p for m, p, _ in sim.requests_log if p.endswith("/upload/image")]
+    assert len(uploads) == 2
+    api.close()
