@@ -1,6 +1,6 @@
 """The core: the bridge's job queue, the scheduler and each job's run on a backend.
 
-Handlers call `submit`, `status`, `cancel`, `take_results`, `free`; everything else happens
+Handlers call `submit`, `status`, `cancel`, `results_delivered`, `free`; everything else happens
 here on the IOLoop. A backend only ever receives a job when it has a free slot, so the
 bridge's queue is the only queue that matters and cancelling a queued job never touches a
 backend.
@@ -258,9 +258,6 @@ class JobService:
         self._fail(job, reason)
         self._schedule_pump()
         return True
-
-    def take_results(self, job: Job) -> list:
-        return list(job.results)
 
     def results_delivered(self, job: Job) -> None:
         """GET /history sent everything: the job's life cycle ends here."""

@@ -31,6 +31,7 @@ Decisions where the API contract is silent:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -453,15 +454,12 @@ class MultipartReceiver:
 
     # -- public interface
 
-    async def feed(self, chunk: bytes) -> None:
-        """Parse the next piece of the body. On an error the request's files are already gone."""
-        self._check_usable()
-        if not chunk:
-            return
-        if not isinstance(chunk, bytes):
-            chunk = bytes(chunk)
+    @contextlib.contextmanager
+    def _cleanup_on_error(self):
+        """Any failure removes every file of this request; an UploadError is remembered, so
+        later calls repeat it."""
         try:
-            self._consume(chunk)
+            yield
         except UploadError as e:
             self._error = e
             self.abort()
@@ -470,10 +468,20 @@ class MultipartReceiver:
             self.abort()
             raise
 
+    async def feed(self, chunk: bytes) -> None:
+        """Parse the next piece of the body. On an error the request's files are already gone."""
+        self._check_usable()
+        if not chunk:
+            return
+        if not isinstance(chunk, bytes):
+            chunk = bytes(chunk)
+        with self._cleanup_on_error():
+            self._consume(chunk)
+
     async def finish(self) -> dict[str, str]:
         """Check the body was complete, move its files into the store; {identifier: saved name}."""
         self._check_usable()
-        try:
+        with self._cleanup_on_error():
             if self._state != _EPILOGUE:
                 raise UploadError(self._truncation_reason())
             if not self._complete:
@@ -490,13 +498,6 @@ class MultipartReceiver:
             self._temps.clear()
             self._finals.clear()
             return result
-        except UploadError as e:
-            self._error = e
-            self.abort()
-            raise
-        except BaseException:
-            self.abort()
-            raise
 
     def abort(self) -> None:
         """Remove every file of this request. Idempotent; does nothing once finish() succeeded."""

@@ -15,13 +15,19 @@ async def next_job_runs(api):
     await api.wait_status(other, "closed")
 
 
-async def test_interrupt_running_job_targets_its_prompt_only(api, bridge, sim):
+async def running_job_with_socket(api, bridge, sim):
+    """A slow job executing on the backend, followed by its websocket: (clientId, socket, prompt_id)."""
     sim.tick_seconds = 0.05
     client_id = new_client_id()
     ws = await api.ws(client_id)
     await start_slow(api, client_id)
     await ws.until("progress")
     prompt_id = bridge.service.get(client_id).prompt_id
+    return client_id, ws, prompt_id
+
+
+async def test_interrupt_running_job_targets_its_prompt_only(api, bridge, sim):
+    client_id, ws, prompt_id = await running_job_with_socket(api, bridge, sim)
     answer = await api.json(f"/interrupt?clientId={client_id}", "POST")
     assert answer == {"detail": f"interrupted that clientId will be ignored. / {client_id}"}
     final = await ws.until("error")
@@ -56,12 +62,7 @@ async def test_interrupt_unknown_client_is_400(api):
 
 
 async def test_closing_socket_cancels_running_job_and_frees_slot(api, bridge, sim):
-    sim.tick_seconds = 0.05
-    client_id = new_client_id()
-    ws = await api.ws(client_id)
-    await start_slow(api, client_id)
-    await ws.until("progress")
-    prompt_id = bridge.service.get(client_id).prompt_id
+    client_id, ws, prompt_id = await running_job_with_socket(api, bridge, sim)
     ws.close()
     await wait_for(lambda: prompt_id in sim.interrupt_calls, what="targeted interrupt after socket close")
     assert None not in sim.interrupt_calls

@@ -189,7 +189,9 @@ async def test_free_after_n_generations(sim, bridge_factory):
     api.close()
 
 
-async def test_cancel_of_job_waiting_on_backend_deletes_only_it(sim, bridge_factory):
+async def two_jobs_on_one_backend(sim, bridge_factory):
+    """Two slots on one backend: one job executing, the other waiting in ComfyUI's own queue.
+    Returns (bridge, api, running clientId, waiting clientId)."""
     bridge = await bridge_factory([sim], max_inflight_per_server=2)
     sim.tick_seconds = 0.03
     api = bridge.api()
@@ -197,7 +199,12 @@ async def test_cancel_of_job_waiting_on_backend_deletes_only_it(sim, bridge_fact
     jobs = [bridge.service.get(c) for c in clients]
     await wait_for(lambda: all(j.prompt_id for j in jobs) and any(j.percent > 0 for j in jobs),
                    what="both jobs on the backend, one running")
-    first, second = clients if jobs[0].percent > 0 else clients[::-1]
+    running, waiting = clients if jobs[0].percent > 0 else clients[::-1]
+    return bridge, api, running, waiting
+
+
+async def test_cancel_of_job_waiting_on_backend_deletes_only_it(sim, bridge_factory):
+    bridge, api, first, second = await two_jobs_on_one_backend(sim, bridge_factory)
     waiting_prompt = bridge.service.get(second).prompt_id
     await api.json(f"/interrupt?clientId={second}", "POST")
     await wait_for(lambda: any(p.endswith("/queue") and m == "POST" and b == {"delete": [waiting_prompt]}
@@ -250,18 +257,11 @@ async def test_queue_limit_answers_503_with_retry_after(sim, bridge_factory):
 
 
 async def test_job_waiting_in_the_backends_own_queue_is_not_yet_progress(sim, bridge_factory):
-    bridge = await bridge_factory([sim], max_inflight_per_server=2)
-    sim.tick_seconds = 0.03
-    api = bridge.api()
-    clients = await submit_slow(api, 2, steps=10)
-    jobs = [bridge.service.get(c) for c in clients]
-    await wait_for(lambda: all(j.prompt_id for j in jobs) and any(j.percent > 0 for j in jobs),
-                   what="both jobs on the backend, one running")
-    running, waiting = clients if jobs[0].percent > 0 else clients[::-1]
+    bridge, api, running, waiting = await two_jobs_on_one_backend(sim, bridge_factory)
     assert (await api.json(f"/execution-info?clientId={running}"))["status"] == "progress"
     assert (await api.json(f"/execution-info?clientId={waiting}")) == {
         "status": "connected", "detail": "server connected", "details": "server connected"}
-    await finish_all(api, clients)
+    await finish_all(api, [running, waiting])
     api.close()
 
 
