@@ -442,7 +442,7 @@ class JobService:
         refuses them at validation: upload them again, once."""
         for attempt in (1, 2):
             graph = await self._place_files(job, backend)
-            job.prompt_id = uuid.uuid4().hex
+            job.prompt_id = str(uuid.uuid4())  # canonical form: current ComfyUI refuses others
             job.tracker = ProgressTracker(graph, backend.output_classes)
             backend.listen(job.prompt_id, watch)
             # Written before the backend hears of it, so a restart knows where to look.

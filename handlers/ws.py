@@ -49,6 +49,9 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
         return True  # no cookies are used; the API key (if any) is the access control
 
     def open(self, *args, **kwargs) -> None:
+        # Status frames are small and the client never answers them: with Nagle's algorithm
+        # each would wait for the client's delayed ACK (40 ms on Linux).
+        self.set_nodelay(True)
         self.hub.attach(self.client, self)
         self._send(status_message("connected", CONNECTED_DETAIL))
         job = self.service.get(self.client)
