@@ -2,8 +2,9 @@
 the command line (each overriding the one before). A bad value stops start-up with one line
 naming the key and the value.
 
-Every option is declared once in OPTIONS; `.env.example`, `--help` and the README table are
-written from the same names.
+Each option is an entry of OPTIONS (key, default, parser, help: what `--help` shows) and a
+field of `Settings` of the same name in lower case; tests/test_settings.py checks that the
+two lists match and that `.env.example` names every key.
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ import time
 
 from tornado import web
 
-from .base import JsonHandler, scrub, to_json_bytes
+from logs import request_summary
+
+from .base import JsonHandler, write_detail
 
 
 class GenerationCountHandler(JsonHandler):
@@ -42,12 +44,10 @@ class PageHandler(web.StaticFileHandler):
     def write_error(self, status_code: int, **kwargs) -> None:
         # JSON like every other answer of the bridge; never tornado's page, never a path on disk.
         reasons = {403: "not a file of the test page", 404: "no such file"}
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        detail = f"{reasons.get(status_code, self._reason)}: {self.request.path}"
-        self.finish(to_json_bytes({"detail": detail}))
+        write_detail(self, status_code, f"{reasons.get(status_code, self._reason)}: {self.request.path}")
 
     def _request_summary(self) -> str:
-        return scrub(f"{self.request.method} {self.request.uri} ({self.request.remote_ip})")
+        return request_summary(self.request)
 
 
 routes = [

@@ -3,7 +3,7 @@ import asyncio
 import os
 
 from balancer.progress import ProgressTracker, format_percent, nodes_to_run
-from balancer.prompts import describe_execution_error, describe_rejection, output_files
+from balancer.comfy.answers import describe_execution_error, describe_rejection, output_files
 from storage.state import StateFile
 
 GRAPH = {
@@ -109,7 +109,7 @@ def test_progress_state_before_executing_keeps_the_node_running():
 
 def test_events_of_unknown_prompts_are_bounded():
     """Others' prompts on a shared ComfyUI broadcast progress: the buffer must not grow."""
-    from balancer.backend import UNROUTED_EVENTS_PER_PROMPT, UNROUTED_PROMPTS_KEPT, Backend
+    from balancer.comfy.backend import UNROUTED_EVENTS_PER_PROMPT, UNROUTED_PROMPTS_KEPT, Backend
 
     backend = Backend.__new__(Backend)
     backend._listeners, backend._unrouted = {}, {}
