@@ -12,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 
 from .comfy import api
 from .comfy.backend import Backend
 from .errors import Busy, JobFailed, Refused, ResultsWaiting, UnknownClient
 from .hub import StatusHub
 from .intake import JobIntake
+from .queue import JobQueue
 from .jobs import CONNECTED_DETAIL, INTERRUPTED, Job, JobState, StopReason, status_message
+from .restore import plan_restore
 from .run import Ending, Outcome, PromptRun
 from .scheduler import Scheduler
 from .snapshot import service_snapshot
-from storage.results import ResultFile
 
 log = logging.getLogger("bridge.jobs")
 RESUME_WAIT = 10.0   # seconds a restored job waits for its backend to come back
@@ -39,7 +40,7 @@ class JobService:
         self.intake = JobIntake(catalog, uploads, settings.workflow_dir)
         self.scheduler = Scheduler(settings.max_inflight_per_server)
         self.jobs: dict[str, Job] = {}
-        self.queue: deque[Job] = deque()
+        self.queue = JobQueue()
         self.backends = [
             Backend(address, index=i, request_timeout=settings.backend_timeout,
                     health_interval=settings.health_check_interval, on_up=self._backend_up, on_down=self._backend_down)
@@ -66,34 +67,18 @@ class JobService:
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
 
     def restore(self, records: list[dict]) -> None:
-        """Jobs from before a restart: queued ones queue again in their order, running ones
-        are looked up on their backend by prompt_id, ended ones wait for their client."""
-        by_address = {b.address: b for b in self.backends}
-        front = []
-        for record in sorted(records, key=lambda r: r.get("created", 0)):
-            try:
-                job = Job.from_record(record, ResultFile)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("stored job %r unreadable, skipped: %s", record.get("client_id"), exc)
-                continue
-            self.jobs[job.client_id] = job
-            backend = by_address.get(record.get("backend"))
-            job.last_backend = backend  # /free?clientId= still finds it
-            if job.state is JobState.QUEUED:
-                self.queue.append(job)
-            elif job.state is JobState.RUNNING and backend is not None and job.prompt_id:
-                job.backend = backend
-                job.dispatched_at = time.monotonic()
-                backend.take_slot(job.id)
-                job.task = self._spawn(self._run(job, backend, resume=True))
-            elif job.state is JobState.RUNNING:  # never reached a backend: run it first
-                job.state, job.prompt_id = JobState.QUEUED, None
-                front.append(job)
-        self.queue.extendleft(reversed(front))
-        if records:
-            log.info("restored %d job(s): %d queued, %d running, %d ended", len(self.jobs), len(self.queue),
-                     sum(1 for j in self.jobs.values() if j.state is JobState.RUNNING),
-                     sum(1 for j in self.jobs.values() if j.ended))
+        """Carry on with the jobs of the job database (see restore.plan_restore)."""
+        plan = plan_restore(records, self.backends)
+        self.jobs.update((job.client_id, job) for job in plan.jobs)
+        for job in plan.queue:
+            self.queue.append(job)
+        for job in plan.resume:
+            job.dispatched_at = time.monotonic()
+            job.backend.take_slot(job.id)
+            job.task = self._spawn(self._run(job, job.backend, resume=True))
+        if plan.jobs:
+            log.info("restored %d job(s): %d queued, %d running, %d ended", len(plan.jobs), len(plan.queue),
+                     len(plan.resume), sum(1 for j in plan.jobs if j.ended))
         self._schedule_pump()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -128,10 +113,7 @@ class JobService:
         return self.jobs.get(client_id)
 
     def status(self, job: Job) -> dict:
-        position = None
-        if job.state is JobState.QUEUED:
-            position = next((i for i, queued in enumerate(self.queue, start=1) if queued is job), None)
-        return job.status(position)
+        return job.status(self.queue.position(job) if job.state is JobState.QUEUED else None)
 
     def status_of(self, client_id: str) -> dict:
         """The client's job status; `connected` for a socket that has not generated yet."""
@@ -149,7 +131,7 @@ class JobService:
             return False
         self._transition(job, "cancelled", was=job.state.value)
         if job.state is JobState.QUEUED:
-            self._remove_from_queue(job)
+            self.queue.remove(job)
         else:
             backend, prompt_id = job.backend, job.prompt_id
             job.stop_reason = StopReason.CANCEL
@@ -220,13 +202,7 @@ class JobService:
         for job, backend in placed:
             self._dispatch(job, backend)
         for job, _ in placed:
-            self._remove_from_queue(job)
-
-    def _remove_from_queue(self, job: Job) -> None:
-        try:
             self.queue.remove(job)
-        except ValueError:
-            pass
 
     def _dispatch(self, job: Job, backend: Backend) -> None:
         job.state = JobState.RUNNING
@@ -246,15 +222,9 @@ class JobService:
 
     def _backend_up(self, backend: Backend) -> None:
         abandoned = backend.take_abandoned()
-        if abandoned:
-            self._spawn(self._clean_abandoned(backend, abandoned))
+        if abandoned:  # their jobs moved elsewhere: they must not run (or be kept) here as well
+            self._spawn(api.stop_and_forget(backend, sorted(abandoned)))
         self._schedule_pump()
-
-    async def _clean_abandoned(self, backend: Backend, prompts: set[str]) -> None:
-        """Prompts whose jobs moved elsewhere must not run (or be kept) here as well."""
-        for prompt_id in prompts:
-            await api.stop_prompt(backend, prompt_id)
-        await api.forget_prompts(backend, sorted(prompts))
 
     def _backend_down(self, backend: Backend) -> None:
         """Its jobs go back to the front of the queue; their tasks stop where they are."""
@@ -278,7 +248,7 @@ class JobService:
         self._release(job)
         job.prompt_id = None
         job.state, job.executing = JobState.QUEUED, False
-        self.queue.appendleft(job)
+        self.queue.push_front(job)
         self._transition(job, "requeued", reason=why)
         self._schedule_pump()
 

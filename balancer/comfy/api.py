@@ -65,6 +65,12 @@ async def forget_prompts(backend: "Backend", prompt_ids: list[str]) -> None:
         pass
 
 
+async def stop_and_forget(backend: "Backend", prompt_ids: list[str]) -> None:
+    for prompt_id in prompt_ids:
+        await stop_prompt(backend, prompt_id)
+    await forget_prompts(backend, prompt_ids)
+
+
 async def free_memory(backend: "Backend") -> bool:
     """POST /free: unload models and free memory; False when the backend did not do it."""
     try:
