@@ -22,7 +22,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from storage.uploads import SNIFF_BYTES, UploadError, UploadStore, detect_kind
+from storage.filetypes import SNIFF_BYTES, detect_kind
+from storage.multipart import UploadError
+from storage.uploads import UploadStore
 
 BOUNDARY = "----bridgeTestBoundary7MA4YWxk"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
