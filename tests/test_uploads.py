@@ -1,4 +1,4 @@
-"""storage.uploads: the upload store and the streaming multipart receiver, without HTTP.
+"""storage.filetypes, storage.multipart and storage.uploads: file-type sniffing, the streaming multipart receiver and the upload store.
 
 Bodies are built by hand and fed in chunks of every shape; each test also checks what is
 left on disk, since a failed upload must leave nothing behind.
