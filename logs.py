@@ -57,6 +57,16 @@ def log_request(handler) -> None:
         metrics.count_request(type(handler).__name__, request.method or "-", status, seconds)
 
 
+def log_job_event(event: str, job, backend, detail: dict) -> None:
+    """One line per job transition (a `JobService` observer): who, which prompt, where, and
+    the transition's own facts (queue place, duration, reason...)."""
+    extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
+    logging.getLogger("bridge.jobs").log(
+        logging.WARNING if event == "requeued" else logging.INFO,
+        "job %s clientId=%s job=%s workflow=%s prompt=%s backend=%s %s", event, job.client_id, job.id,
+        job.alias, job.prompt_id or "-", backend.address if backend else "-", extra)
+
+
 class SecretFilter(logging.Filter):
     """Last line of defence on the log handler: keys in any record's text become ***."""
 

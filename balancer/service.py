@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 
+from logs import log_job_event
 from .comfy import api
 from .comfy.backend import Backend
 from .errors import Busy, JobFailed, Refused, ResultsWaiting, UnknownClient
@@ -50,7 +51,7 @@ class JobService:
         self._background: set[asyncio.Task] = set()
         self.counters: Counter[str] = Counter()  # events worth counting (metrics, tests)
         # Called as observer(event, job, backend, detail) on every job transition.
-        self.observers: list = []
+        self.observers: list = [log_job_event]
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -337,14 +338,10 @@ class JobService:
     # ------------------------------------------------------------------ observation and upkeep
     def _transition(self, job: Job, event: str, backend: Backend | None = None, count: int | None = None,
                     persist: bool = True, **detail) -> asyncio.Future | None:
-        """One log line per job transition, the same facts to observers (metrics), and the
-        job's new state on disk (the returned future resolves once it is written)."""
-        extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
-        level = logging.WARNING if event == "requeued" else logging.INFO
+        """Tell the observers (the job log, metrics) and write the job's new state to disk; the
+        returned future resolves once it is written."""
         if job.dispatched_at is not None and event in ("failed", "cancelled") and "duration" not in detail:
             detail["duration"] = time.monotonic() - job.dispatched_at
-        log.log(level, "job %s clientId=%s job=%s workflow=%s prompt=%s backend=%s %s", event, job.client_id,
-                job.id, job.alias, job.prompt_id or "-", backend.address if backend else "-", extra)
         for observer in self.observers:
             observer(event, job, backend, detail)
         return self.store.save(job.client_id, job.to_record(), count) if persist else None
