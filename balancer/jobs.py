@@ -55,6 +55,7 @@ class Job:
     attempts: int = 0               # dispatches so far
     requeues: int = 0               # times it went back to the queue after a backend was lost
     oom_retried: bool = False
+    refused_by: dict[str, str] = field(default_factory=dict)  # backend address -> its 5xx answer
     percent: float = 0.0
     executing: bool = False         # the backend has started it (not only received it)
     results: list = field(default_factory=list)   # storage.results.ResultFile

@@ -23,6 +23,9 @@ from .progress import ProgressTracker
 
 HISTORY_POLL_INTERVAL = 2.0     # safety net for websocket events that never came
 HISTORY_WRITE_GRACE = 10.0      # history is written just after execution_success
+# A read the job's results depend on is tried again for this long while the backend is up:
+# the job has run, and running it elsewhere would run it twice.
+READ_PATIENCE = 60.0
 
 
 class Ending(str, enum.Enum):
@@ -30,6 +33,7 @@ class Ending(str, enum.Enum):
     FAILED = "failed"                 # the prompt was refused or failed: the job ends in error
     OUT_OF_MEMORY = "out_of_memory"   # failed for lack of GPU memory: worth one more try
     LOST = "lost"                     # the backend failed under it: run it elsewhere
+    REJECTED = "rejected"             # the backend answered 5xx to the prompt (or no answer): try another
     NOT_RESUMED = "not_resumed"       # after a restart, the backend no longer had the prompt
 
 
@@ -99,10 +103,20 @@ class PromptRun:
             try:
                 answer = await api.submit_prompt(backend, graph, self.prompt_id)
             except BackendRejected as exc:
+                if exc.status >= 500:
+                    return Outcome(Ending.REJECTED, str(exc))
                 if attempt == 1 and job.files and lost_input_file(exc.body, {k.split("/", 1)[0] for k in job.files}):
                     backend.files.forget(job.files.values())
                     continue
                 raise
+            except BackendUnavailable as exc:
+                if exc.fatal or not backend.accepts_prompt_ids:
+                    raise   # lost: requeued, and stopped there if that backend comes back with it
+                # No answer in time: it may have been queued all the same.
+                if await self._read(api.has_prompt, self.prompt_id):
+                    answer = None
+                    break
+                return Outcome(Ending.REJECTED, f"no answer ({exc})", stop_prompt=True)
             break
         real = answer.get("prompt_id") if isinstance(answer, dict) else None
         if isinstance(real, str) and real and real != self.prompt_id:
@@ -117,12 +131,12 @@ class PromptRun:
     async def _find_prompt(self) -> bool:
         self.tracker = ProgressTracker(self.job.graph, self.backend.output_classes)
         self._listen(self.prompt_id)
-        entry = await api.history_entry(self.backend, self.prompt_id)
+        entry = await self._read(api.history_entry, self.prompt_id)
         ended = outcome_from_history(entry) if entry is not None else None
         if ended is not None:
             self.watch.resolve(ended)
             return True
-        running, pending = await api.prompts_on_backend(self.backend)
+        running, pending = await self._read(api.prompts_on_backend)
         if self.prompt_id in running:
             self.events.started(self.job)
         # Its events go to the old socket's id: the history poll will see the end.
@@ -160,7 +174,10 @@ class PromptRun:
             done, _ = await asyncio.wait({self.watch.outcome}, timeout=min(remaining, HISTORY_POLL_INTERVAL))
             if done:
                 return self.watch.outcome.result()
-            entry = await api.history_entry(self.backend, self.prompt_id)
+            try:
+                entry = await api.history_entry(self.backend, self.prompt_id)
+            except BackendUnavailable:
+                continue  # counted by the transport; the websocket may still tell the end
             ended = outcome_from_history(entry) if entry is not None else None
             if ended is not None:
                 self.watch.resolve(ended)
@@ -170,7 +187,7 @@ class PromptRun:
         give_up = time.monotonic() + HISTORY_WRITE_GRACE
         delay = 0.01
         while entry is None:
-            entry = await api.history_entry(self.backend, self.prompt_id)
+            entry = await self._read(api.history_entry, self.prompt_id)
             if entry is None:
                 if time.monotonic() > give_up:
                     return Outcome(Ending.FAILED, "the backend finished the job but kept no history of it")
@@ -179,8 +196,21 @@ class PromptRun:
         stored = []
         for index, item in enumerate(output_files(entry, self.job.graph)):
             target = self.results.file_path(self.job.id, index, item.filename)
-            stored.append(await download_to(self.backend, item, target))
+            stored.append(await self._read(download_to, item, target))
         return Outcome(Ending.DONE, results=stored)
+
+    async def _read(self, call, *args):
+        """`call(backend, *args)` through failures while the backend is up, for READ_PATIENCE
+        (each failure is counted by the transport; a dead backend stops this run)."""
+        give_up, delay = time.monotonic() + READ_PATIENCE, 0.1
+        while True:
+            try:
+                return await call(self.backend, *args)
+            except BackendUnavailable:
+                if not self.backend.up or time.monotonic() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     # ------------------------------------------------------------------ events
     def _listen(self, prompt_id: str) -> None:

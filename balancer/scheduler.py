@@ -2,7 +2,8 @@
 
 A backend here is anything with `address`, `up`, `load` (slots its jobs hold),
 `node_classes` (empty while unknown) and `mean_duration(alias)`; a job anything with
-`alias`, `class_types` and `allowed_backends` (None = any). Nothing here waits, calls or
+`alias`, `class_types`, `allowed_backends` (None = any) and `refused_by` (addresses of
+backends that refused its prompt). Nothing here waits, calls or
 changes a backend: the service dispatches what `plan` returns.
 
 Rule: among healthy backends with a free slot that may and can run the job, the one with
@@ -17,6 +18,8 @@ from typing import Iterable, Sequence
 def can_run(job, backend) -> bool:
     """May and can this backend run the job (leaving aside whether it is free now)?"""
     if job.allowed_backends is not None and backend.address not in job.allowed_backends:
+        return False
+    if backend.address in job.refused_by:
         return False
     return not backend.node_classes or job.class_types <= backend.node_classes
 

@@ -24,7 +24,7 @@ from .queue import JobQueue
 from .jobs import CONNECTED_DETAIL, INTERRUPTED, Job, JobState, StopReason, status_message
 from .restore import plan_restore
 from .run import Ending, Outcome, PromptRun
-from .scheduler import Scheduler
+from .scheduler import Scheduler, can_run
 from .snapshot import service_snapshot
 
 log = logging.getLogger("bridge.jobs")
@@ -236,8 +236,13 @@ class JobService:
                 self._requeue_or_fail(job, f"backend {backend.address} was lost")
 
     def _requeue_or_fail(self, job: Job, why: str, counted: bool = True) -> None:
-        if job.backend is not None and job.prompt_id is not None:
-            job.backend.abandon(job.prompt_id)  # stopped there if that backend comes back with it
+        backend = job.backend
+        if backend is not None and job.prompt_id is not None:
+            # Its prompt must not run there as well: stopped now, or when that backend is back.
+            if backend.up:
+                self._spawn(api.stop_and_forget(backend, [job.prompt_id]))
+            else:
+                backend.abandon(job.prompt_id)
         if counted and job.requeues >= self.settings.max_retries:
             self._release(job)
             self._fail(job, f"{why}; gave up after {job.attempts} attempts")
@@ -276,6 +281,8 @@ class JobService:
         elif ending is Ending.LOST:
             if job.state is JobState.RUNNING and job.stop_reason in (None, StopReason.BACKEND_LOST):
                 self._requeue_or_fail(job, outcome.reason)
+        elif ending is Ending.REJECTED:
+            self._refused(job, backend, outcome.reason)
         elif ending is Ending.NOT_RESUMED:
             self._requeue_or_fail(job, outcome.reason, counted=False)
         elif ending is Ending.OUT_OF_MEMORY and not job.oom_retried:
@@ -288,6 +295,19 @@ class JobService:
             backend.record_failed()
             self._release(job)
             self._fail(job, outcome.reason)
+
+    def _refused(self, job: Job, backend: Backend, answer: str) -> None:
+        """A backend refused the prompt with a 5xx: one other backend may try it, no more, and
+        nothing else is moved or marked down because of it (a poison prompt fails alone)."""
+        job.refused_by[backend.address] = answer
+        can_try = any(can_run(job, b) for b in self.backends)
+        if len(job.refused_by) < 2 and can_try:
+            self._requeue(job, f"backend {backend.address} refused the prompt: {answer}")
+            return
+        names = " and ".join(job.refused_by)
+        self._release(job)
+        self._fail(job, f"rejected by backend{'s' if len(job.refused_by) > 1 else ''} {names}: "
+                        + "; ".join(job.refused_by.values()))
 
     async def _finish(self, job: Job, backend: Backend, results: list) -> None:
         duration = time.monotonic() - job.dispatched_at

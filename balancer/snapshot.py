@@ -26,5 +26,7 @@ def _backend(backend) -> dict:
         "completed": stats.completed,
         "failed": stats.failed,
         "last_error": stats.last_error,
+        "consecutive_failures": stats.consecutive_failures,
+        "last_failure": stats.last_failure,
         "mean_duration": None if mean is None else round(mean, 3),
     }

@@ -23,6 +23,7 @@ class FakeJob:
     alias: str = "invert"
     class_types: frozenset = frozenset({"LoadImage", "SaveImage"})
     allowed_backends: tuple | None = None
+    refused_by: dict = field(default_factory=dict)
 
 
 def backends(n, **kw):
@@ -91,3 +92,10 @@ def test_plan_is_empty_without_a_free_slot():
     fleet = backends(2, load=1)
     assert Scheduler(1).free_slots(fleet) == 0
     assert Scheduler(1).plan([FakeJob()] * 3, fleet) == []
+
+
+def test_a_backend_that_refused_the_job_is_not_chosen_for_it_again():
+    fleet = backends(2)
+    job = FakeJob(refused_by={"b0:1": "HTTP 500"})
+    assert Scheduler(1).pick(job, fleet) is fleet[1]
+    assert Scheduler(1).pick(job, fleet[:1]) is None

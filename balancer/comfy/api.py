@@ -21,13 +21,19 @@ async def submit_prompt(backend: "Backend", graph: dict, prompt_id: str):
     body = {"prompt": graph, "client_id": backend.ws_client_id}
     if backend.accepts_prompt_ids:
         try:
-            return await backend.http.call("POST", "/prompt", {**body, "prompt_id": prompt_id})
+            return await backend.http.call("POST", "/prompt", {**body, "prompt_id": prompt_id}, refusable=True)
         except BackendRejected as exc:
             if not refuses_prompt_id(exc.body):
                 raise
             log.warning("backend %s refuses client-chosen prompt ids; letting it choose", backend.address)
             backend.accepts_prompt_ids = False
-    return await backend.http.call("POST", "/prompt", body)
+    return await backend.http.call("POST", "/prompt", body, refusable=True)
+
+
+async def has_prompt(backend: "Backend", prompt_id: str) -> bool:
+    """Whether the backend knows the prompt: waiting, running or in its history."""
+    running, pending = await prompts_on_backend(backend)
+    return prompt_id in running | pending or await history_entry(backend, prompt_id) is not None
 
 
 async def history_entry(backend: "Backend", prompt_id: str) -> dict | None:
@@ -44,8 +50,19 @@ async def prompts_on_backend(backend: "Backend") -> tuple[set[str], set[str]]:
 
 
 async def stop_prompt(backend: "Backend", prompt_id: str) -> None:
-    """Stop one prompt and nothing else: delete it if still waiting, interrupt it if running."""
+    """Stop one prompt and nothing else: delete it if still waiting, interrupt it if running.
+    Current servers do that atomically (POST /api/jobs/{id}/cancel); others are asked what
+    runs first, which leaves a short window in which the next prompt could start."""
     try:
+        if backend.has_cancel_route is not False:
+            try:
+                await backend.http.call("POST", f"/api/jobs/{prompt_id}/cancel", {})
+                backend.has_cancel_route = True
+                return
+            except BackendRejected as exc:
+                if exc.status not in (404, 405):
+                    raise
+                backend.has_cancel_route = False   # until it reconnects: perhaps upgraded
         running, pending = await prompts_on_backend(backend)
         if prompt_id in pending:
             await backend.http.call("POST", "/queue", {"delete": [prompt_id]})

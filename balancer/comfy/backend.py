@@ -33,6 +33,9 @@ PROBE_BACKOFF_MAX = 10.0
 UNROUTED_PROMPTS_KEPT = 64
 UNROUTED_EVENTS_PER_PROMPT = 256
 HEALTH_MISSES_ALLOWED = 2
+# Failed calls in a row, with no answer between, that make a backend down (Envoy's outlier
+# detection ejects a host after 5 consecutive 5xx). A refused or lost connection needs one.
+FAILURES_BEFORE_DOWN = 5
 
 
 class PromptListener(Protocol):
@@ -44,7 +47,10 @@ class BackendStats:
     completed: int = 0
     failed: int = 0
     since_free: int = 0             # jobs completed since the last /free
-    last_error: str = ""
+    last_error: str = ""            # why it was last down or unreachable
+    consecutive_failures: int = 0   # failed calls since the last answer
+    last_failure: str = ""          # the last failed call and why
+    call_failures: int = 0          # failed calls in all
     durations: dict[str, deque] = field(default_factory=dict)  # alias -> recent seconds
 
     def mean_duration(self, alias: str | None = None) -> float | None:
@@ -64,7 +70,8 @@ class Backend:
         self.health_interval = health_interval
         self._on_up = on_up
         self._on_down = on_down
-        self.http = Transport(self.base_url, request_timeout, on_failure=self.mark_down, max_clients=max_clients)
+        self.http = Transport(self.base_url, request_timeout, on_answer=self._answered,
+                              on_failure=self._call_failed, max_clients=max_clients)
         self.files = UploadCache(self)
         self.up = False
         self.state_since = time.time()
@@ -72,6 +79,7 @@ class Backend:
         self.node_classes: frozenset[str] = frozenset()
         self.output_classes: frozenset[str] = frozenset()
         self.accepts_prompt_ids = True       # until it refuses one (see api.submit_prompt)
+        self.has_cancel_route: bool | None = None  # POST /api/jobs/{id}/cancel; None: not tried yet
         self.stats = BackendStats()
         self._slots: set[str] = set()        # job ids holding a slot here
         self._abandoned: set[str] = set()    # prompts whose jobs were moved elsewhere
@@ -143,6 +151,24 @@ class Backend:
         except asyncio.TimeoutError:
             return False
 
+    def _answered(self) -> None:
+        self.stats.consecutive_failures = 0
+
+    def _call_failed(self, reason: str, fatal: bool) -> None:
+        """One failed call is not a dead backend: a lost connection is, and so are several
+        failures in a row with no answer between."""
+        stats = self.stats
+        stats.consecutive_failures += 1
+        stats.call_failures += 1
+        stats.last_failure = reason
+        if fatal:
+            self.mark_down(reason)
+        elif stats.consecutive_failures >= FAILURES_BEFORE_DOWN:
+            self.mark_down(f"{stats.consecutive_failures} calls failed in a row, the last: {reason}")
+        else:
+            log.warning("backend %s: call failed (%d in a row): %s", self.address,
+                        stats.consecutive_failures, reason)
+
     def mark_down(self, reason: str) -> None:
         """Called on any sign of trouble; the supervisor probes and reconnects with backoff."""
         if not self.up:
@@ -213,6 +239,8 @@ class Backend:
         # A backend that came back may have restarted: it lost the files we put on it.
         self.files.clear()
         self.accepts_prompt_ids = True
+        self.has_cancel_route = None
+        self.stats.consecutive_failures = 0
         self.up = True
         self.state_since = time.time()
         log.info("backend %s is up (%d node classes)", self.address, len(self.node_classes))

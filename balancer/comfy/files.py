@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 CHUNK = 256 * 1024
 UPLOAD_SUBFOLDER = "bridge"
-# Slow links: allow at least this many bytes per second before an upload or download times out.
+# Slow links: allow at least this many bytes per second before an upload times out.
 MIN_TRANSFER_RATE = 1024 * 1024
+# A download ends on BACKEND_TIMEOUT seconds of silence; this only bounds a trickle.
+DOWNLOAD_TOTAL_TIMEOUT = 6 * 3600.0
 
 
 class UploadCache:
@@ -88,7 +90,8 @@ async def upload_file(backend: "Backend", path: Path) -> str:
         "POST", "/upload/image", body_producer=produce, timeout=_transfer_timeout(backend, size),
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
                  "Content-Length": str(len(head) + size + len(tail))})
-    response = await backend.http.fetch(request, "POST /upload/image")
+    # Sent again on failure: with overwrite into our own subfolder, a repeat changes nothing.
+    response = await backend.http.fetch(request, "POST /upload/image", retry=True)
     answer = json_or_none(response.body)
     if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
         raise BackendRejected(200, answer)
@@ -97,7 +100,7 @@ async def upload_file(backend: "Backend", path: Path) -> str:
 
 
 async def download_to(backend: "Backend", item: OutputItem, target: Path) -> ResultFile:
-    """GET /view into `target`, streamed to disk."""
+    """GET /view into `target`, streamed to disk; it times out on silence, not on its length."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
     handle = open(partial, "wb")
@@ -108,11 +111,18 @@ async def download_to(backend: "Backend", item: OutputItem, target: Path) -> Res
         size += len(chunk)
         handle.write(chunk)
 
+    def restart() -> None:  # a retried read starts the file again
+        nonlocal size
+        size = 0
+        handle.seek(0)
+        handle.truncate()
+
     query = urlencode({"filename": item.filename, "subfolder": item.subfolder, "type": item.type})
-    request = backend.http.request("GET", f"/view?{query}", streaming_callback=write,
-                                   timeout=_transfer_timeout(backend, 512 * 1024 * 1024))
+    request = backend.http.silence_limited(
+        backend.http.request("GET", f"/view?{query}", streaming_callback=write, timeout=DOWNLOAD_TOTAL_TIMEOUT),
+        silence=backend.request_timeout)
     try:
-        await backend.http.fetch(request, "GET /view")
+        await backend.http.fetch(request, "GET /view", retry=True, restart=restart)
     finally:
         handle.close()
     os.replace(partial, target)

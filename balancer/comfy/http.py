@@ -1,7 +1,8 @@
 """HTTP to one ComfyUI server: every request goes through `Transport.fetch`, which sets explicit
-timeouts and sorts the answer into success, `BackendRejected` (4xx) or `BackendUnavailable`
-(no answer, reset, timeout, 5xx), and tells its owner which one it was, so health is decided in
-one place (`Backend`).
+timeouts, retries idempotent reads, and sorts the answer into success, `BackendRejected` (4xx)
+or `BackendUnavailable` (no answer, reset, timeout, 5xx). It tells its owner how each call went
+(`on_answer`, `on_failure(reason, fatal)`), so health is decided in one place (`Backend`): a
+refused or reset connection is fatal at once, a 5xx or a timeout only counts.
 
 Requests are built here from scratch: a client's `Origin`, `Cookie` or `Authorization` header
 never reaches ComfyUI (it answers 403 to a foreign Origin).
@@ -9,26 +10,37 @@ never reaches ComfyUI (it answers 403 to a foreign Origin).
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Callable
 
 import ujson
 from tornado import httpclient
 from tornado.httputil import HTTPHeaders
+from tornado.iostream import StreamClosedError
 
 CONNECT_TIMEOUT = 5.0
+READ_RETRY_DELAYS = (0.05, 0.25)   # an idempotent read is tried three times before it fails
+# libcurl's codes for a connection refused, an empty reply, a send or a receive failure.
+_CURL_CONNECTION_LOST = {7, 52, 55, 56}
 
 
 class BackendUnavailable(Exception):
-    """The backend did not answer, refused the connection, timed out or answered 5xx."""
+    """The backend did not answer, refused the connection, timed out or answered 5xx;
+    `fatal` when the connection was refused or lost (nobody is serving there)."""
+
+    def __init__(self, reason: str, fatal: bool = False):
+        super().__init__(reason)
+        self.fatal = fatal
 
 
 class BackendRejected(Exception):
     """The backend answered 4xx; `body` is its parsed JSON (or None)."""
 
-    def __init__(self, status: int, body):
-        super().__init__(f"HTTP {status}")
+    def __init__(self, status: int, body, text: str = ""):
+        super().__init__(f"HTTP {status}" + (f" ({text})" if text else ""))
         self.status = status
         self.body = body
+        self.text = text   # the start of a body that is not JSON (a proxy's or aiohttp's error page)
 
 
 def json_or_none(body: bytes | None):
@@ -51,10 +63,11 @@ def _keepalive_client(max_clients: int) -> httpclient.AsyncHTTPClient:
 
 
 class Transport:
-    def __init__(self, base_url: str, request_timeout: float, on_failure: Callable[[str], None],
-                 max_clients: int = 32):
+    def __init__(self, base_url: str, request_timeout: float, *, on_answer: Callable[[], None],
+                 on_failure: Callable[[str, bool], None], max_clients: int = 32):
         self.base_url = base_url
         self.request_timeout = request_timeout
+        self._on_answer = on_answer
         self._on_failure = on_failure
         self._http = _keepalive_client(max_clients)
         # Uploads stream their body from disk (body_producer), which only tornado's own
@@ -83,30 +96,81 @@ class Transport:
             connect_timeout=min(CONNECT_TIMEOUT, total), request_timeout=total,
             decompress_response=True, follow_redirects=False, **options)
 
+    def silence_limited(self, request: httpclient.HTTPRequest, silence: float) -> httpclient.HTTPRequest:
+        """A long transfer (a large video on a slow link) times out on `silence` seconds without
+        a byte, not on its total time (libcurl's low-speed limit; the total stays as set)."""
+        if self._http.__class__.__name__ == "CurlAsyncHTTPClient":
+            def prepare(curl) -> None:
+                import pycurl
+                curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+                curl.setopt(pycurl.LOW_SPEED_TIME, max(1, int(silence)))
+            request.prepare_curl_callback = prepare
+        return request
+
     async def call(self, method: str, path: str, body=None, *, timeout: float | None = None,
-                   counts: bool = True):
-        """One JSON call: JSON in, JSON out."""
+                   counts: bool = True, refusable: bool = False):
+        """One JSON call: JSON in, JSON out. GETs are reads, retried on failure. With
+        `refusable`, a 5xx answer is this request's refusal (BackendRejected), not a sign of
+        trouble: one prompt that makes ComfyUI fail must not make it look dead."""
         request = self.request(method, path, body, timeout=timeout)
-        response = await self.fetch(request, f"{method} {path}", counts)
+        response = await self.fetch(request, f"{method} {path}", counts, retry=method == "GET",
+                                    refusable=refusable)
         return json_or_none(response.body)
 
-    async def fetch(self, request: httpclient.HTTPRequest, what: str,
-                    counts: bool = True) -> httpclient.HTTPResponse:
-        """Send a prepared request. A failure is reported to the owner unless `counts` is
-        False (the health probe keeps its own score)."""
+    async def fetch(self, request: httpclient.HTTPRequest, what: str, counts: bool = True,
+                    retry: bool = False, restart: Callable[[], None] | None = None,
+                    refusable: bool = False) -> httpclient.HTTPResponse:
+        """Send a prepared request; a read (`retry`) that fails is sent again after a short
+        pause, `restart` first undoing what its streaming callback received. The outcome is
+        reported to the owner unless `counts` is False (the health probe keeps its own score)."""
+        delays = list(READ_RETRY_DELAYS) if retry else []
+        while True:
+            try:
+                response = await self._send(request, what, refusable)
+            except BackendUnavailable as exc:
+                if delays:
+                    await asyncio.sleep(delays.pop(0))
+                    if restart is not None:
+                        restart()
+                    continue
+                if counts:
+                    self._on_failure(str(exc), exc.fatal)
+                raise
+            except BackendRejected:
+                if counts:
+                    self._on_answer()
+                raise
+            if counts:
+                self._on_answer()
+            return response
+
+    async def _send(self, request: httpclient.HTTPRequest, what: str, refusable: bool) -> httpclient.HTTPResponse:
+        fatal = False
         try:
             client = self._stream_http if request.body_producer is not None else self._http
             response = await client.fetch(request, raise_error=False)
-        except (OSError, asyncio.TimeoutError, httpclient.HTTPClientError) as exc:
+        except (OSError, StreamClosedError, asyncio.TimeoutError, httpclient.HTTPClientError) as exc:
             # raise_error=False covers HTTP statuses only; timeouts and resets still raise.
-            response, reason = None, str(exc)
+            response, reason, fatal = None, str(exc) or type(exc).__name__, _connection_lost(exc)
         else:
-            reason = str(response.error) if response.code == 599 else f"HTTP {response.code}"
-        if response is None or response.code == 599 or response.code >= 500:
-            failure = f"{what}: {reason}"
-            if counts:
-                self._on_failure(failure)
-            raise BackendUnavailable(failure)
-        if response.code >= 400:
-            raise BackendRejected(response.code, json_or_none(response.body))
+            reason = f"HTTP {response.code}"
+        if response is not None and (400 <= response.code < 500 or (refusable and response.code >= 500)):
+            body = json_or_none(response.body)
+            raise BackendRejected(response.code, body, "" if body is not None else _text_start(response.body))
+        if response is None or response.code >= 500:
+            raise BackendUnavailable(f"{what}: {reason}", fatal=fatal)
         return response
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """A refused or reset connection: nobody is serving there now (a timeout is not that)."""
+    if isinstance(exc, (ConnectionRefusedError, ConnectionResetError, StreamClosedError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE)
+    return getattr(exc, "errno", None) in _CURL_CONNECTION_LOST
+
+
+def _text_start(body: bytes | None, limit: int = 120) -> str:
+    text = " ".join((body or b"").decode("utf-8", "replace").split())
+    return text if len(text) <= limit else text[:limit] + "..."
