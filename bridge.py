@@ -68,6 +68,7 @@ class Bridge:
         self.server: httpserver.HTTPServer | None = None
         self.port: int | None = None
         self._sweeper: PeriodicCallback | None = None
+        self._queue_watch: PeriodicCallback | None = None
 
     async def start(self, port: int | None = None, host: str | None = None) -> int:
         self.service.start()
@@ -79,6 +80,10 @@ class Bridge:
         interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4, self.settings.upload_ttl / 4))
         self._sweeper = PeriodicCallback(self.sweep, interval * 1000)
         self._sweeper.start()
+        if self.settings.queue_timeout:
+            self._queue_watch = PeriodicCallback(lambda: self.service.expire_waiting(time.time()),
+                                                 min(1000.0, self.settings.queue_timeout * 250))
+            self._queue_watch.start()
         # A client that is slow to send its headers or its body is dropped (HEADER_TIMEOUT,
         # BODY_TIMEOUT). Bodies above SERVER_MAX_BODY are refused unread; /upload raises its own.
         self.server = httpserver.HTTPServer(
@@ -106,8 +111,9 @@ class Bridge:
 
     async def stop(self) -> None:
         self.metrics.close()
-        if self._sweeper is not None:
-            self._sweeper.stop()
+        for periodic in (self._sweeper, self._queue_watch):
+            if periodic is not None:
+                periodic.stop()
         self.hub.stop()
         if self.server is not None:
             self.server.stop()
