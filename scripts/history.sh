@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # GET /history?clientId=ID: the job's files as one multipart/form-data body, saved to OUTPUT
-# (default ./history-ID.multipart). The bridge deletes the results once they were sent.
+# (default out/history-ID.multipart; out/ is git-ignored). The bridge deletes the results once
+# they were sent.
 # Exit status: 0 saved; 3 nothing yet (204, reason in X-Bridge-Detail); 22 the job failed (400).
+SCRIPT_USAGE="CLIENT_ID [OUTPUT]"
 . "$(dirname "$0")/_common.sh"
-[ $# -ge 1 ] && [ $# -le 2 ] || usage "CLIENT_ID [OUTPUT]"
-out=${2:-history-$1.multipart}
+[ $# -ge 1 ] && [ $# -le 2 ] || usage
+out=${2:-out/history-$1.multipart}
+mkdir -p "$(dirname "$out")"
 headers=$(mktemp)
 trap 'rm -f "$headers"' EXIT
 show curl -X GET "$BRIDGE/history?clientId=$1" -o "$out"
