@@ -231,7 +231,7 @@ def demo_banner(settings: Settings, port: int) -> str:
     except ValueError:
         loopback = host == "localhost"
     wildcard = host in ("", "0.0.0.0", "::")
-    shown = "127.0.0.1" if wildcard or loopback else (f"[{host}]" if ":" in host else host)
+    shown = "127.0.0.1" if wildcard else (f"[{host}]" if ":" in host else host)
     lines = [f"Demo bridge ready: open http://{shown}:{port}/ (API reference at /docs; Ctrl+C stops it)"]
     if loopback:
         lines.append(f"Listening on {host} only: other machines cannot reach it "

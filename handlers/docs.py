@@ -55,6 +55,7 @@ KEY_FORM = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>ComfyUI bridge: API key needed</title>
+<link rel="icon" type="image/png" sizes="32x32" href="docs/assets/favicon-32x32.png">
 <style>
 body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 32rem; margin: 3rem auto; padding: 0 1rem; }}
 input {{ font: inherit; width: 100%; box-sizing: border-box; padding: .4rem; margin: .3rem 0 .8rem; }}
