@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +14,10 @@ from bridge import demo_banner
 from settings import load_settings, setting_source
 
 from .conftest import ROOT
-from .test_packaging import DEADLINE, poll
+from .test_packaging import poll, stop
 
 
-def start_demo(tmp_path, *args, env: dict | None = None) -> tuple[subprocess.Popen, "Path"]:
+def start_demo(tmp_path, *args, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / "demo.log"
     clean = {k: v for k, v in os.environ.items() if k not in ("HOST", "BRIDGE_API_KEY")}
     with open(log, "wb") as out:
@@ -26,16 +26,6 @@ def start_demo(tmp_path, *args, env: dict | None = None) -> tuple[subprocess.Pop
              *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**clean, "PYTHONUNBUFFERED": "1", **(env or {})})
     return process, log
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(DEADLINE)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(DEADLINE)
 
 
 def test_demo_listens_on_loopback_unless_host_is_given(tmp_path):

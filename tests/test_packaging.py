@@ -44,6 +44,17 @@ def poll(check, timeout: float = DEADLINE, what: str = "it"):
         time.sleep(0.05)
 
 
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the bridge's clean stop), then SIGKILL if it has not ended by the deadline."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(DEADLINE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(DEADLINE)
+
+
 def clone_files() -> list[str]:
     """The files a clone of this work would hold: tracked ones, and new ones not ignored."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -169,13 +180,7 @@ def test_comfy_bridge_demo_runs_a_job_from_the_installed_files(installed, tmp_pa
         # The demo's data went under the current folder, not into site-packages.
         assert (work / "data" / "demo" / "jobs.sqlite3").is_file()
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(DEADLINE)
+        stop(process)
     assert process.returncode == 0, log.read_text()[-3000:]
 
 
