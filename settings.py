@@ -219,6 +219,19 @@ def load_settings(
     return settings
 
 
+def setting_source(key: str, overrides: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
+                   dotenv_path: str | os.PathLike | None = ".env") -> str | None:
+    """Where `key` is set, in the order `load_settings` reads them: "the command line", "the
+    environment", the dotenv file's path, or None when the default applies."""
+    if overrides and overrides.get(key) is not None:
+        return "the command line"
+    if key in (os.environ if env is None else env):
+        return "the environment"
+    if dotenv_path and Path(dotenv_path).is_file() and dotenv_values(dotenv_path).get(key) is not None:
+        return str(dotenv_path)
+    return None
+
+
 def check_paths_usable(settings: Settings) -> None:
     if not settings.workflow_dir.is_dir() or not os.access(settings.workflow_dir, os.R_OK | os.X_OK):
         raise SettingsError(
