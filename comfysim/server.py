@@ -44,6 +44,7 @@ class Execution:
     """One run of a prompt that executed at least one node (see SimulatedComfy.executions)."""
     prompt_id: str
     prompt: dict                                    # the graph as queued (widget values coerced)
+    extra_data: dict                                # what the nodes saw (split-off keys included)
     nodes: list[str] = field(default_factory=list)  # node ids actually run, in order
 
 
@@ -79,7 +80,8 @@ class SimulatedComfy:
         prompt deleted or lost before it started, adds nothing; a run that fails or is
         interrupted after starting a node counts). `executions.count(pid)` = how often it ran.
     execution_records
-        the same runs as Execution(prompt_id, prompt, nodes) records.
+        the same runs as Execution(prompt_id, prompt, extra_data, nodes) records (extra_data as
+        the nodes saw it, sensitive keys included; nodes = the node ids run, in order).
     executions_containing(marker)
         the prompt ids in `executions` whose graph (as JSON) contains the marker.
 
@@ -310,7 +312,7 @@ class SimulatedComfy:
         """The executor runs a (non-cached) node of `run`: count the run once, at its first node."""
         record = getattr(run, "record", None)
         if record is None:
-            record = run.record = Execution(run.prompt_id, run.prompt)
+            record = run.record = Execution(run.prompt_id, run.prompt, run.extra_data)
             self.execution_records.append(record)
             self.executions.append(run.prompt_id)
         record.nodes.append(node_id)

@@ -1,5 +1,10 @@
 """Cancelling: POST /interrupt, closing the websocket, and socket replacement."""
+import pytest
+
 from tests.conftest import new_client_id, png_bytes, wait_for
+
+# Every test here runs against each simulator profile: legacy, 0.3.64 and current ComfyUI.
+pytestmark = pytest.mark.all_profiles
 
 
 async def start_slow(api, client_id, steps=200):
