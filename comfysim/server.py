@@ -67,7 +67,8 @@ class SimulatedComfy:
     stall_next(route, seconds=5, count=1)
         the next `count` requests of that route (same keys) wait `seconds` before they are
         handled (they see the state of when they resume); the IOLoop keeps running. A
-        crash()/stop() during a stall drops the connection. `stalling` = requests waiting now.
+        crash()/stop() during a stall drops the connection. `stalling` = requests waiting now;
+        release_stalls() lets them go at once (so a test can stall "until" something happened).
     fault_log
         (kind, method, uri) for every fault applied: "poison", "fail_every", "stall"
         (logged when the stall starts).
@@ -118,6 +119,7 @@ class SimulatedComfy:
         self.fault_counts: Counter = Counter()
         self._stalls: dict[str, deque] = {}
         self.stalling = 0
+        self._stall_releases: set[asyncio.Event] = set()
         self.fault_log: list[tuple[str, str, str]] = []
         self._oom_remaining = 0
         self._interrupt_flag = False
@@ -235,6 +237,11 @@ class SimulatedComfy:
         """The next `count` requests of `route` wait `seconds` before they are handled."""
         faults.parse_key(route)
         self._stalls.setdefault(route, deque()).extend([float(seconds)] * count)
+
+    def release_stalls(self) -> None:
+        """End the stalls under way now: those requests are handled at once."""
+        for released in list(self._stall_releases):
+            released.set()
 
     def clear_faults(self) -> None:
         """Switch every fault knob off (pending stalls included; running ones finish)."""

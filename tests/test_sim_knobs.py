@@ -525,6 +525,22 @@ async def test_stall_next_delays_only_those_calls_and_blocks_nothing(sim):
     await ws.close()
 
 
+async def test_release_stalls_lets_stalled_requests_go(sim):
+    sim.stall_next("GET queue", seconds=60, count=3)
+    stalled = [asyncio.ensure_future(fetch(base(sim), "/queue")) for _ in range(2)]
+    await wait_until(lambda: sim.stalling == 2, what="two stalls")
+    assert (await fetch(base(sim), "/queue", "POST", {"clear": True})).code == 200  # POSTs are not stalled
+    sim.release_stalls()
+    answers = await asyncio.wait_for(asyncio.gather(*stalled), TIMEOUT)
+    assert [r.code for r in answers] == [200, 200] and sim.stalling == 0
+    third = asyncio.ensure_future(fetch(base(sim), "/queue"))  # the stall left over still applies
+    await wait_until(lambda: sim.stalling == 1, what="the third stall")
+    sim.clear_faults()  # clears what is pending, not what runs
+    sim.release_stalls()
+    assert (await asyncio.wait_for(third, TIMEOUT)).code == 200
+    assert (await fetch(base(sim), "/queue")).code == 200 and sim.stalling == 0
+
+
 async def test_crash_during_a_stall_drops_the_request(sim):
     sim.stall_next("GET view", seconds=30)
     pending = asyncio.ensure_future(fetch(base(sim), "/view?filename=x.png", timeout=TIMEOUT))

@@ -507,3 +507,21 @@ async def test_batch_cancel(sim_factory):
     await ws.wait_prompt_done(c)
     assert sim.executions == [running, c]
     await ws.close()
+
+
+# -- the conftest switch that runs a test against every profile ------------------------------
+
+async def test_sim_fixture_uses_the_default_profile_unless_marked(sim, sim_profile):
+    assert sim_profile is None and sim.profile == DEFAULT_PROFILE
+
+
+@pytest.mark.all_profiles
+async def test_all_profiles_marker_runs_once_per_profile(sim, sim_profile, request):
+    assert sim_profile in PROFILES and sim.profile == sim_profile
+    assert request.node.name.endswith(f"[{sim_profile}]")
+
+
+@pytest.mark.all_profiles("legacy", "current", xfail={"legacy": "demonstrates the strict xfail of one profile"})
+async def test_all_profiles_marker_limits_and_xfails(sim, sim_profile):
+    assert sim_profile in ("legacy", "current")
+    assert sim.profile != "legacy"  # fails on legacy only: strict xfail there
