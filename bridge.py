@@ -26,7 +26,8 @@ from tornado.netutil import bind_sockets
 import handlers
 from comfy_bridge_data import is_checkout, static_dir, workflows_dir
 from comfy_bridge_version import __version__
-from handlers.base import CLIENT_ID, SERVER_MAX_BODY, one_line, scrub
+from handlers.base import SERVER_MAX_BODY
+from logs import configure_logging, log_request
 from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
 from balancer.service import JobService
@@ -42,60 +43,6 @@ from storage.uploads import UploadStore
 log = logging.getLogger("bridge")
 ROOT = Path(__file__).resolve().parent
 SWEEP_INTERVAL = 60.0
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def log_request(handler: web.RequestHandler) -> None:
-    """One access line per request (method, path, status, duration, clientId), and its metrics."""
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    request = handler.request
-    seconds = request.request_time()
-    client = request.query_arguments.get("clientId", [b"-"])[-1].decode(errors="replace").strip()
-    if client != "-" and not CLIENT_ID.fullmatch(client):
-        client = "(invalid)"  # refused with a 400; quoting it could forge log lines
-    logging.getLogger("bridge.access").log(
-        level, "%s %s %d %.1fms clientId=%s", request.method, scrub(one_line(request.path)), status,
-        1000.0 * seconds, client)
-    metrics = handler.settings.get("metrics")
-    if metrics is not None:
-        metrics.count_request(type(handler).__name__, request.method or "-", status, seconds)
-
-
-class SecretFilter(logging.Filter):
-    """Last line of defence on the log handler: keys in any record's text become ***."""
-
-    def __init__(self, api_key: str | None = None):
-        super().__init__()
-        self.api_key = api_key or None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is logging's business, not ours
-            return True
-        clean = scrub(text)
-        if self.api_key:
-            clean = clean.replace(self.api_key, "***")
-        if clean != text:
-            record.msg, record.args = clean, None
-        return True
-
-
-def configure_logging(level: str, api_key: str | None = None) -> logging.Handler:
-    """LOGGING_LEVEL for the whole process, one line per record on stderr, secrets scrubbed."""
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "bridge_handler", False)]:
-        root.removeHandler(old)
-    handler = logging.StreamHandler()
-    handler.bridge_handler = True
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(SecretFilter(api_key))
-    root.addHandler(handler)
-    root.setLevel(level)
-    # Pillow logs every PNG chunk at DEBUG, drowning the bridge's own lines.
-    logging.getLogger("PIL").setLevel(max(logging.INFO, root.level))
-    return handler
 
 
 class Bridge:
@@ -127,6 +74,7 @@ class Bridge:
         self.server: httpserver.HTTPServer | None = None
         self.port: int | None = None
         self._sweeper: PeriodicCallback | None = None
+        self._queue_watch: PeriodicCallback | None = None
 
     async def start(self, port: int | None = None, host: str | None = None) -> int:
         self.service.start()
@@ -138,6 +86,10 @@ class Bridge:
         interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4, self.settings.upload_ttl / 4))
         self._sweeper = PeriodicCallback(self.sweep, interval * 1000)
         self._sweeper.start()
+        if self.settings.queue_timeout:
+            self._queue_watch = PeriodicCallback(lambda: self.service.expire_waiting(time.time()),
+                                                 min(1000.0, self.settings.queue_timeout * 250))
+            self._queue_watch.start()
         # A client that is slow to send its headers or its body is dropped (HEADER_TIMEOUT,
         # BODY_TIMEOUT). Bodies above SERVER_MAX_BODY are refused unread; /upload raises its own.
         self.server = httpserver.HTTPServer(
@@ -158,17 +110,16 @@ class Bridge:
         """Expired jobs first (in memory), then the disk, off the loop."""
         now = time.time()
         self.service.sweep_expired(now)
-        keep_uploads = {path.name for job in self.service.jobs.values() if job.active
-                        for path in job.files.values()}
-        keep_results = {job.id for job in self.service.jobs.values() if job.results or job.active}
+        keep_uploads, keep_results = self.service.files_in_use()
         return asyncio.get_running_loop().run_in_executor(None, functools.partial(
             sweep_disk, self.uploads, self.results, upload_ttl=self.settings.upload_ttl,
             result_ttl=self.settings.result_ttl, keep_uploads=keep_uploads, keep_results=keep_results, now=now))
 
     async def stop(self) -> None:
         self.metrics.close()
-        if self._sweeper is not None:
-            self._sweeper.stop()
+        for periodic in (self._sweeper, self._queue_watch):
+            if periodic is not None:
+                periodic.stop()
         self.hub.stop()
         if self.server is not None:
             self.server.stop()

@@ -2,8 +2,9 @@
 the command line (each overriding the one before). A bad value stops start-up with one line
 naming the key and the value.
 
-Every option is declared once in OPTIONS; `.env.example`, `--help` and the README table are
-written from the same names.
+Each option is an entry of OPTIONS (key, default, parser, help: what `--help` shows) and a
+field of `Settings` of the same name in lower case; tests/test_settings.py checks that the
+two lists match and that `.env.example` names every key.
 """
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be 0 or a positive number")
     return value
 
 
@@ -114,6 +122,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("MAX_RETRIES", "2", _non_negative_int,
            "times a job is requeued after its backend was lost"),
     Option("MAX_QUEUE", "1000", _positive_int, "jobs the bridge's queue holds before 503"),
+    Option("QUEUE_TIMEOUT", "600", _non_negative_float,
+           "seconds a queued job waits while no backend that can run it is up, then fails (0 = forever)"),
     Option("FREE_AFTER_N_GENERATIONS", "0", _non_negative_int,
            "send /free to a backend after this many jobs (0 = never)"),
     Option("BACKEND_TIMEOUT", "30", _positive_float,
@@ -147,6 +157,7 @@ class Settings:
     max_inflight_per_server: int
     max_retries: int
     max_queue: int
+    queue_timeout: float
     free_after_n_generations: int
     backend_timeout: float
     health_check_interval: float

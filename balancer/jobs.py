@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .progress import ProgressTracker, format_percent
+from .progress import format_percent
 
 DONE_DETAIL = "Execution is done"
 CONNECTED_DETAIL = "server connected"
 LISTENING_DETAIL = "server is listening"
 INTERRUPTED = "interrupted"
+# What a clientId may be (fullmatch: "$" would let a trailing newline in).
+CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def status_message(status: str, detail: str, **extra) -> dict:
@@ -44,7 +47,7 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
-    backend: object | None = None   # balancer.backend.Backend while it holds a slot
+    backend: object | None = None   # balancer.comfy.Backend while it holds a slot
     last_backend: object | None = None
     prompt_id: str | None = None
     dispatched_at: float | None = None
@@ -52,12 +55,11 @@ class Job:
     attempts: int = 0               # dispatches so far
     requeues: int = 0               # times it went back to the queue after a backend was lost
     oom_retried: bool = False
+    refused_by: dict[str, str] = field(default_factory=dict)  # backend address -> its 5xx answer
     percent: float = 0.0
     executing: bool = False         # the backend has started it (not only received it)
-    tracker: ProgressTracker | None = None
     results: list = field(default_factory=list)   # storage.results.ResultFile
     error: str = ""
-    error_reported: bool = False
     stop_reason: StopReason | None = None
     task: asyncio.Task | None = None
 
@@ -83,7 +85,7 @@ class Job:
             "oom_retried": self.oom_retried, "percent": self.percent,
             "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size}
                         for r in self.results],
-            "error": self.error, "error_reported": self.error_reported, "finished_at": self.finished_at,
+            "error": self.error, "finished_at": self.finished_at,
         }
 
     @classmethod
@@ -100,17 +102,19 @@ class Job:
             percent=record.get("percent", 0.0),
             results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"])
                      for r in record.get("results", ())],
-            error=record.get("error", ""), error_reported=record.get("error_reported", False),
-            finished_at=record.get("finished_at"))
+            error=record.get("error", ""), finished_at=record.get("finished_at"))
 
-    def status(self, queue_position: int | None = None) -> dict:
-        """The job's state in the words of the websocket and /execution-info."""
+    def status(self, queue_position: int | None = None, waiting_for: str | None = None) -> dict:
+        """The job's state in the words of the websocket and /execution-info; a queued job
+        that no backend can take now says why (`waiting_for`) instead of its place."""
         if self.state is JobState.DONE:
             return status_message("closed", DONE_DETAIL)
         if self.state is JobState.ERROR:
             return status_message("error", self.error)
         if self.state is JobState.RUNNING and self.executing:
             return status_message("progress", format_percent(self.percent))
+        if waiting_for is not None:
+            return status_message("connected", waiting_for, queue_position=queue_position)
         if queue_position is not None:
             return status_message("connected", f"queued / {queue_position}", queue_position=queue_position)
         return status_message("connected", CONNECTED_DETAIL)

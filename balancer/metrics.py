@@ -170,14 +170,19 @@ class _StateCollector(Collector):
                                       labels=["backend"])
         runs = CounterMetricFamily("bridge_backend_runs", "Runs a backend finished since the bridge "
                                    "started, by result (completed, failed).", labels=["backend", "result"])
+        in_a_row = GaugeMetricFamily("bridge_backend_consecutive_failures", "Calls to the backend that "
+                                     "failed since its last answer (down at 5, or at once on a lost connection).",
+                                     labels=["backend"])
+        failures = CounterMetricFamily("bridge_backend_call_failures", "Calls to the backend that failed "
+                                       "(after retries for reads): no answer, timeout or 5xx.", labels=["backend"])
         for backend in service.backends:
             up.add_metric([backend.address], 1 if backend.up else 0)
-            in_flight.add_metric([backend.address], len(backend.in_flight))
+            in_flight.add_metric([backend.address], backend.load)
             runs.add_metric([backend.address, "completed"], backend.stats.completed)
             runs.add_metric([backend.address, "failed"], backend.stats.failed)
-        yield up
-        yield in_flight
-        yield runs
+            in_a_row.add_metric([backend.address], backend.stats.consecutive_failures)
+            failures.add_metric([backend.address], backend.stats.call_failures)
+        yield from (up, in_flight, runs, in_a_row, failures)
 
         yield GaugeMetricFamily("bridge_websocket_clients", "Open client websockets (/ws).",
                                 value=len(self.hub))

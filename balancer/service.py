@@ -1,97 +1,62 @@
-"""The core: the bridge's job queue, the scheduler and each job's run on a backend.
+"""The core: the bridge's jobs, its queue, and the one place where what happens to a job is
+applied (state, queue, persistence, client messages).
 
-Handlers call `submit`, `status`, `cancel`, `results_delivered`, `free`; everything else happens
-here on the IOLoop. A backend only ever receives a job when it has a free slot, so the
-bridge's queue is the only queue that matters and cancelling a queued job never touches a
-backend.
+Handlers call `submit`, `status_of`, `cancel`, `interrupt`, `history`, `results_sent`, `free`
+and `snapshot`. The scheduler (`scheduler.py`) decides where a queued job runs; a run
+(`run.py`) carries one prompt on one backend and ends with an outcome, applied here. A backend
+only ever receives a job when it has a free slot, so the bridge's queue is the only queue that
+matters and cancelling a queued job never touches a backend.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-import uuid
-from collections import Counter, deque
-from pathlib import Path
+from collections import Counter
 
-from .backend import Backend, BackendRejected, BackendUnavailable
+from logs import log_job_event
+from .comfy import api
+from .comfy.backend import Backend
+from .errors import Busy, JobFailed, Refused, ResultsWaiting, UnknownClient
 from .hub import StatusHub
-from .jobs import INTERRUPTED, Job, JobState, StopReason, status_message
-from .progress import ProgressTracker
-from storage.catalog import CatalogError
-from storage.results import ResultFile
-from .prompts import describe_execution_error, describe_rejection, output_files
-from .transfer import download_to, upload_file
+from .intake import JobIntake
+from .queue import JobQueue
+from .jobs import CONNECTED_DETAIL, INTERRUPTED, Job, JobState, StopReason, status_message
+from .restore import plan_restore
+from .run import Ending, Outcome, PromptRun
+from .scheduler import Scheduler, can_run
+from .snapshot import service_snapshot
 
 log = logging.getLogger("bridge.jobs")
-
-HISTORY_POLL_INTERVAL = 2.0     # safety net for websocket events that never came
-HISTORY_WRITE_GRACE = 10.0      # history is written just after execution_success
+RESUME_WAIT = 10.0   # seconds a restored job waits for its backend to come back
 
 
-class RequestError(Exception):
-    """Refused request; `status` is the HTTP status, str(self) the reason for the client."""
-
-    def __init__(self, reason: str, status: int = 400, headers: dict | None = None):
-        super().__init__(reason)
-        self.status = status
-        self.headers = headers or {}
-
-
-class _PromptWatch:
-    """Receives one prompt's backend events: progress, and the outcome as a future."""
-
-    def __init__(self, service: "JobService", job: Job):
-        self.service = service
-        self.job = job
-        self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.error_seen: dict | None = None
-
-    def on_backend_event(self, kind: str, data: dict) -> None:
-        if self.outcome.done():
-            return
-        if kind == "execution_error" and data.get("exception_type") != "ExecutionBlocked":
-            self.outcome.set_result(("error", data))
-        elif kind == "execution_interrupted":
-            self.outcome.set_result(("interrupted", data))
-        elif kind == "execution_success" or (kind == "executing" and data.get("node") is None):
-            # Servers before mid-2024 only end a prompt with `executing {node: null}`.
-            self.outcome.set_result(("success", data))
-        else:
-            if kind == "execution_start" and not self.job.executing:
-                self.job.executing = True
-                self.service._progress(self.job, started=True)
-            if self.job.tracker is not None and self.job.tracker.on_event(kind, data):
-                self.service._progress(self.job)
-
-    def resolve(self, outcome: str, data: dict) -> None:
-        if not self.outcome.done():
-            self.outcome.set_result((outcome, data))
+def why_down(backends) -> str:
+    """Each backend's address and why it cannot be reached, for a person."""
+    return "; ".join(f"{b.address}: {b.stats.last_error or 'not connected yet'}" for b in backends)
 
 
 class JobService:
     def __init__(self, settings, catalog, uploads, results, state, hub: StatusHub, store):
         self.settings = settings
-        self.catalog = catalog
-        self.uploads = uploads
-        self.results = results
-        self.state = state
+        self.results = results          # storage.results.ResultStore
+        self.state = state              # storage.state.StateFile: the generation count
         self.hub = hub
-        self.store = store  # storage.jobstore.JobStore: every job change is written there
+        self.store = store              # storage.jobstore.JobStore: every job change is written there
+        self.intake = JobIntake(catalog, uploads, settings.workflow_dir)
+        self.scheduler = Scheduler(settings.max_inflight_per_server)
         self.jobs: dict[str, Job] = {}
-        self.queue: deque[Job] = deque()
+        self.queue = JobQueue()
         self.backends = [
             Backend(address, index=i, request_timeout=settings.backend_timeout,
                     health_interval=settings.health_check_interval, on_up=self._backend_up, on_down=self._backend_down)
             for i, address in enumerate(settings.comfyui_servers)]
-        self._round_robin = 0
         self._pump_scheduled = False
         self._closing = False
         self._background: set[asyncio.Task] = set()
         self.counters: Counter[str] = Counter()  # events worth counting (metrics, tests)
         # Called as observer(event, job, backend, detail) on every job transition.
-        self.observers: list = []
+        self.observers: list = [log_job_event]
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -108,34 +73,18 @@ class JobService:
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
 
     def restore(self, records: list[dict]) -> None:
-        """Jobs from before a restart: queued ones queue again in their order, running ones
-        are looked up on their backend by prompt_id, ended ones wait for their client."""
-        by_address = {b.address: b for b in self.backends}
-        front = []
-        for record in sorted(records, key=lambda r: r.get("created", 0)):
-            try:
-                job = Job.from_record(record, ResultFile)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("stored job %r unreadable, skipped: %s", record.get("client_id"), exc)
-                continue
-            self.jobs[job.client_id] = job
-            backend = by_address.get(record.get("backend"))
-            job.last_backend = backend  # /free?clientId= still finds it
-            if job.state is JobState.QUEUED:
-                self.queue.append(job)
-            elif job.state is JobState.RUNNING and backend is not None and job.prompt_id:
-                job.backend = job.last_backend = backend
-                job.dispatched_at = time.monotonic()
-                backend.in_flight.add(job.id)
-                job.task = self._spawn(self._run(job, backend, resume=True))
-            elif job.state is JobState.RUNNING:  # never reached a backend: run it first
-                job.state, job.prompt_id = JobState.QUEUED, None
-                front.append(job)
-        self.queue.extendleft(reversed(front))
-        if records:
-            log.info("restored %d job(s): %d queued, %d running, %d ended", len(self.jobs), len(self.queue),
-                     sum(1 for j in self.jobs.values() if j.state is JobState.RUNNING),
-                     sum(1 for j in self.jobs.values() if j.ended))
+        """Carry on with the jobs of the job database (see restore.plan_restore)."""
+        plan = plan_restore(records, self.backends)
+        self.jobs.update((job.client_id, job) for job in plan.jobs)
+        for job in plan.queue:
+            self.queue.append(job)
+        for job in plan.resume:
+            job.dispatched_at = time.monotonic()
+            job.backend.take_slot(job.id)
+            job.task = self._spawn(self._run(job, job.backend, resume=True))
+        if plan.jobs:
+            log.info("restored %d job(s): %d queued, %d running, %d ended", len(plan.jobs), len(plan.queue),
+                     len(plan.resume), sum(1 for j in plan.jobs if j.ended))
         self._schedule_pump()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -145,99 +94,65 @@ class JobService:
         return task
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, client_id: str, body: dict) -> int:
-        """Validate and queue a job; returns N of `queued / N` once the job is on disk."""
+    async def submit(self, client_id: str, alias: str, values: dict) -> int:
+        """Queue a job; returns its place in the queue once the job is on disk."""
         current = self.jobs.get(client_id)
         if current is not None and current.active:
-            raise RequestError(f"clientId '{client_id}' already has a job {current.state.value}; "
-                               "wait for it to end or interrupt it")
+            raise Refused(f"clientId '{client_id}' already has a job {current.state.value}; "
+                          "wait for it to end or interrupt it")
         if current is not None and current.state is JobState.DONE:
-            raise RequestError(f"clientId '{client_id}' has results waiting; fetch them with "
-                               "GET /history first or use a new clientId")
+            raise ResultsWaiting(client_id)
         if len(self.queue) >= self.settings.max_queue:
-            raise RequestError(f"the queue is full ({len(self.queue)} jobs waiting); retry later",
-                               status=503, headers={"Retry-After": "5"})
-        alias = body.get("workflow")
-        if not isinstance(alias, str) or not alias:
-            raise RequestError("field 'workflow' is required: the alias of a workflow (see GET /workflow-list)")
-        try:
-            workflow = self.catalog.get(alias)
-            values = {k: v for k, v in body.items() if k != "workflow"}
-            graph, file_values = workflow.build_prompt(values)
-        except CatalogError as exc:
-            raise RequestError(str(exc)) from None
-        files = self._resolve_files(workflow, graph, file_values)
-        for path in files.values():
-            if path.parent == self.uploads.directory:
-                _touch(path)  # UPLOAD_TTL counts from the last use
-        self._check_runnable(workflow)
+            raise Busy(f"the queue is full ({len(self.queue)} jobs waiting); retry later", retry_after=5)
+        job = self.intake.build(client_id, alias, values, self.backends)
         if current is not None:
             self._forget(current)
-        job = Job(client_id=client_id, alias=alias, graph=graph, files=files,
-                  class_types=workflow.class_types,
-                  allowed_backends=tuple(workflow.backends) if workflow.backends else None)
         self.jobs[client_id] = job
         self.queue.append(job)
         position = len(self.queue)
         saved = self._transition(job, "queued", queue=position)
         self._schedule_pump()
+        waiting = self.waiting_for(job)
+        if waiting is not None:  # its socket (if open) learns why nothing happens
+            self.hub.publish(client_id, job.status(position, waiting))
         await saved
         return position
-
-    def _resolve_files(self, workflow, graph: dict, file_values: dict[str, str]) -> dict[str, Path]:
-        """Map each file input to the local file the backend must receive before the prompt."""
-        files: dict[str, Path] = {}
-        for key, exposed in workflow.inputs.items():
-            if not exposed.is_file:
-                continue
-            value = file_values.get(key, exposed.default)
-            if key in file_values and value != exposed.default:
-                if not isinstance(value, str) or not self.uploads.exists(value):
-                    raise RequestError(f"input '{key}': file '{_clip(value)}' was never uploaded; "
-                                       "upload it with POST /upload and pass the saved name")
-                files[key] = self.uploads.path(value)
-                continue
-            # The workflow's own default: shipped beside the workflows, or already on the backend.
-            asset = _asset_path(self.settings.workflow_dir, value)
-            if asset is not None:
-                files[key] = asset
-        return files
-
-    def _check_runnable(self, workflow) -> None:
-        """400 when every backend whose node classes are known lacks one the workflow needs."""
-        candidates = [b for b in self.backends
-                      if workflow.backends is None or b.address in workflow.backends]
-        if workflow.backends is not None and not candidates:
-            raise RequestError(f"workflow '{workflow.alias}' names backends that are not configured: "
-                               + ", ".join(workflow.backends))
-        missing_everywhere = None
-        for backend in candidates:
-            if not backend.node_classes:
-                return  # not known yet: let it queue
-            missing = sorted(workflow.class_types - backend.node_classes)
-            if not missing:
-                return
-            missing_everywhere = missing
-        if missing_everywhere:
-            raise RequestError(f"workflow '{workflow.alias}' needs node class "
-                               f"{', '.join(missing_everywhere)}, which no backend has")
 
     def get(self, client_id: str) -> Job | None:
         return self.jobs.get(client_id)
 
-    def queue_position(self, job: Job) -> int | None:
-        if job.state is not JobState.QUEUED:
-            return None
-        for position, queued in enumerate(self.queue, start=1):
-            if queued is job:
-                return position
-        return None
-
     def status(self, job: Job) -> dict:
-        message = job.status(self.queue_position(job))
-        if job.state is JobState.ERROR:
-            job.error_reported = True
-        return message
+        if job.state is not JobState.QUEUED:
+            return job.status()
+        return job.status(self.queue.position(job), self.waiting_for(job))
+
+    def waiting_for(self, job: Job) -> str | None:
+        """Why a queued job cannot start while no backend that can run it is up, else None."""
+        able = [b for b in self.backends if can_run(job, b)]
+        if any(b.up for b in able):
+            return None
+        return f"waiting for a backend: none is up ({why_down(able)})"
+
+    def expire_waiting(self, now: float) -> None:
+        """QUEUE_TIMEOUT: a queued job fails once no backend that can run it has been up for
+        that long (a long queue in front of working backends is not a reason)."""
+        limit = self.settings.queue_timeout
+        if not limit or all(b.up for b in self.backends):
+            return
+        for job in [j for j in self.queue if now - j.created > limit]:
+            able = [b for b in self.backends if can_run(job, b)]
+            if not any(b.up or now - b.state_since < limit for b in able):
+                self.queue.remove(job)
+                self._fail(job, f"{self.waiting_for(job)}; gave up after {limit:g}s")
+
+    def status_of(self, client_id: str) -> dict:
+        """The client's job status; `connected` for a socket that has not generated yet."""
+        job = self.jobs.get(client_id)
+        if job is not None:
+            return self.status(job)
+        if self.hub.connected(client_id):
+            return status_message("connected", CONNECTED_DETAIL)
+        raise UnknownClient(client_id)
 
     def cancel(self, client_id: str, reason: str = INTERRUPTED) -> bool:
         """Cancel the client's queued or running job; False if there was none to cancel."""
@@ -246,25 +161,239 @@ class JobService:
             return False
         self._transition(job, "cancelled", was=job.state.value)
         if job.state is JobState.QUEUED:
-            self._remove_from_queue(job)
+            self.queue.remove(job)
         else:
             backend, prompt_id = job.backend, job.prompt_id
             job.stop_reason = StopReason.CANCEL
             self._release(job)
             if backend is not None and prompt_id is not None:
-                self._spawn(self._stop_prompt(backend, prompt_id))
+                self._spawn(api.stop_prompt(backend, prompt_id))
             if job.task is not None and job.task is not asyncio.current_task():
                 job.task.cancel()
         self._fail(job, reason)
         self._schedule_pump()
         return True
 
-    def results_delivered(self, job: Job) -> None:
-        """GET /history sent everything: the job's life cycle ends here."""
-        self._forget(job)
+    def interrupt(self, client_id: str) -> None:
+        """POST /interrupt: cancel the job if it still waits or runs; an ended one is left as is."""
+        if client_id not in self.jobs:
+            raise UnknownClient(client_id)
+        self.cancel(client_id)
 
-    def error_delivered(self, job: Job) -> None:
-        self._forget(job)
+    def history(self, client_id: str) -> Job | None:
+        """The client's finished job with its results, or None while it waits or runs. A job
+        that failed is reported once (JobFailed) and forgotten."""
+        job = self.jobs.get(client_id)
+        if job is None:
+            raise UnknownClient(client_id)
+        if job.state is JobState.ERROR:
+            self._forget(job)
+            raise JobFailed(job.error)
+        return job if job.state is JobState.DONE else None
+
+    def results_sent(self, job: Job, complete: bool) -> None:
+        """The results went out; only a complete send ends the job (a broken one may be retried)."""
+        if complete:
+            self._forget(job)
+        else:
+            self.counters["history_broken"] += 1
+
+    async def free(self, client_id: str | None) -> None:
+        """Ask every backend that is up, or the one that ran the client's job, to free memory."""
+        if client_id is None:
+            targets = [b for b in self.backends if b.up]
+        else:
+            job = self.jobs.get(client_id)
+            if job is None:
+                raise UnknownClient(client_id)
+            backend = job.backend or job.last_backend
+            if backend is None:
+                raise Refused(f"clientId '{client_id}' has no job on a backend to free")
+            targets = [backend]
+        await asyncio.gather(*(self._free(b) for b in targets))
+
+    async def _free(self, backend: Backend) -> None:
+        if await api.free_memory(backend):
+            self.counters["free_sent"] += 1
+
+    def snapshot(self, now: float) -> dict:
+        return service_snapshot(self, now)
+
+    # ------------------------------------------------------------------ scheduling
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled and not self._closing:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Give every queued job that some backend can take now to the scheduler's choice."""
+        self._pump_scheduled = False
+        placed = self.scheduler.plan(self.queue, self.backends)
+        for job, backend in placed:
+            self._dispatch(job, backend)
+        for job, _ in placed:
+            self.queue.remove(job)
+
+    def _dispatch(self, job: Job, backend: Backend) -> None:
+        job.state = JobState.RUNNING
+        job.backend = job.last_backend = backend
+        job.stop_reason = None
+        job.attempts += 1
+        job.dispatched_at = time.monotonic()
+        backend.take_slot(job.id)
+        self._transition(job, "dispatched", backend, waited=time.time() - job.created)
+        job.task = self._spawn(self._run(job, backend))
+
+    def _release(self, job: Job) -> None:
+        if job.backend is not None:
+            job.backend.release_slot(job.id)
+        job.backend = None
+        self._schedule_pump()
+
+    def _backend_up(self, backend: Backend) -> None:
+        abandoned = backend.take_abandoned()
+        if abandoned:  # their jobs moved elsewhere: they must not run (or be kept) here as well
+            self._spawn(api.stop_and_forget(backend, sorted(abandoned)))
+        self._schedule_pump()
+
+    def _backend_down(self, backend: Backend) -> None:
+        """Its jobs go back to the front of the queue; their tasks stop where they are."""
+        for job in [j for j in self.jobs.values() if j.backend is backend and j.state is JobState.RUNNING]:
+            job.stop_reason = StopReason.BACKEND_LOST
+            if job.task is not None and job.task is not asyncio.current_task():
+                job.task.cancel()
+                self._requeue_or_fail(job, f"backend {backend.address} was lost")
+
+    def _requeue_or_fail(self, job: Job, why: str, counted: bool = True) -> None:
+        backend = job.backend
+        if backend is not None and job.prompt_id is not None:
+            # Its prompt must not run there as well: stopped now, or when that backend is back.
+            if backend.up:
+                self._spawn(api.stop_and_forget(backend, [job.prompt_id]))
+            else:
+                backend.abandon(job.prompt_id)
+        if counted and job.requeues >= self.settings.max_retries:
+            self._release(job)
+            self._fail(job, f"{why}; gave up after {job.attempts} attempts")
+            return
+        job.requeues += counted
+        self._requeue(job, why)
+
+    def _requeue(self, job: Job, why: str) -> None:
+        self._release(job)
+        job.prompt_id = None
+        job.state, job.executing = JobState.QUEUED, False
+        self.queue.push_front(job)
+        self._transition(job, "requeued", reason=why)
+        self._schedule_pump()
+
+    # ------------------------------------------------------------------ runs and their outcomes
+    async def _run(self, job: Job, backend: Backend, resume: bool = False) -> None:
+        run = PromptRun(job, backend, self, self.results, execution_timeout=self.settings.execution_timeout,
+                        deadline=job.dispatched_at + self.settings.execution_timeout)
+        try:
+            outcome = await (run.resume(max(self.settings.backend_timeout, RESUME_WAIT)) if resume else run.start())
+        except asyncio.CancelledError:
+            if job.stop_reason is None:
+                raise  # shutting down
+            return     # cancelled or moved: already applied
+        if outcome.stop_prompt and run.prompt_id is not None:
+            self._spawn(api.stop_prompt(backend, run.prompt_id))
+        await self._apply(job, backend, outcome, run.prompt_id)
+
+    async def _apply(self, job: Job, backend: Backend, outcome: Outcome, prompt_id: str | None) -> None:
+        ending = outcome.ending
+        if ending is Ending.DONE:
+            await self._finish(job, backend, outcome.results)
+            # Only once the results are safely ours: a crash before this point finds them again.
+            self._spawn(api.forget_prompts(backend, [prompt_id]))
+        elif ending is Ending.LOST:
+            if job.state is JobState.RUNNING and job.stop_reason in (None, StopReason.BACKEND_LOST):
+                self._requeue_or_fail(job, outcome.reason)
+        elif ending is Ending.REJECTED:
+            self._refused(job, backend, outcome.reason)
+        elif ending is Ending.NOT_RESUMED:
+            self._requeue_or_fail(job, outcome.reason, counted=False)
+        elif ending is Ending.OUT_OF_MEMORY and not job.oom_retried:
+            backend.record_failed()
+            job.oom_retried = True
+            log.warning("out of memory on %s for job %s: freeing it and retrying once", backend.address, job.id)
+            await self._free(backend)
+            self._requeue(job, "out of memory; retrying once after /free")
+        else:
+            backend.record_failed()
+            self._release(job)
+            self._fail(job, outcome.reason)
+
+    def _refused(self, job: Job, backend: Backend, answer: str) -> None:
+        """A backend refused the prompt with a 5xx: one other backend may try it, no more, and
+        nothing else is moved or marked down because of it (a poison prompt fails alone)."""
+        job.refused_by[backend.address] = answer
+        can_try = any(can_run(job, b) for b in self.backends)
+        if len(job.refused_by) < 2 and can_try:
+            self._requeue(job, f"backend {backend.address} refused the prompt: {answer}")
+            return
+        names = " and ".join(job.refused_by)
+        self._release(job)
+        self._fail(job, f"rejected by backend{'s' if len(job.refused_by) > 1 else ''} {names}: "
+                        + "; ".join(job.refused_by.values()))
+
+    async def _finish(self, job: Job, backend: Backend, results: list) -> None:
+        duration = time.monotonic() - job.dispatched_at
+        backend.record_completed(job.alias, duration)
+        self._release(job)
+        job.results = results
+        job.state = JobState.DONE
+        job.percent = 100.0
+        job.finished_at = time.time()
+        count = self.state.increment()
+        saved = self._transition(job, "done", backend, count=count, duration=duration, files=len(results))
+        n = self.settings.free_after_n_generations
+        if n and backend.stats.since_free >= n:
+            backend.record_freed()  # at once: the next job's end must not send a second /free
+            self._spawn(self._free(backend))
+        await saved  # `closed` promises the results are there, even across a crash
+        self.hub.publish(job.client_id, job.status(), final=True)
+
+    def _fail(self, job: Job, reason: str) -> None:
+        job.state = JobState.ERROR
+        job.error = reason
+        job.finished_at = time.time()
+        self._transition(job, "failed", job.last_backend, reason=reason)
+        self.hub.publish(job.client_id, status_message("error", reason), final=True)
+
+    # What runs tell the service while they go on (run.RunEvents). A run whose job was
+    # cancelled or moved may still speak before its task stops: only a running job listens.
+    def prompt_chosen(self, job: Job, prompt_id: str) -> asyncio.Future:
+        job.prompt_id = prompt_id
+        return self.store.save(job.client_id, job.to_record())
+
+    def started(self, job: Job) -> None:
+        if job.state is JobState.RUNNING and not job.executing:
+            job.executing = True
+            self.hub.publish(job.client_id, job.status())
+
+    def progressed(self, job: Job, percent: float) -> None:
+        if job.state is JobState.RUNNING and percent > job.percent:
+            job.percent = percent
+            job.executing = True
+            self.hub.publish(job.client_id, job.status())
+
+    def executed(self, job: Job) -> None:
+        if job.backend is not None:
+            job.backend.release_slot(job.id)
+        self._schedule_pump()
+
+    # ------------------------------------------------------------------ observation and upkeep
+    def _transition(self, job: Job, event: str, backend: Backend | None = None, count: int | None = None,
+                    persist: bool = True, **detail) -> asyncio.Future | None:
+        """Tell the observers (the job log, metrics) and write the job's new state to disk; the
+        returned future resolves once it is written."""
+        if job.dispatched_at is not None and event in ("failed", "cancelled") and "duration" not in detail:
+            detail["duration"] = time.monotonic() - job.dispatched_at
+        for observer in self.observers:
+            observer(event, job, backend, detail)
+        return self.store.save(job.client_id, job.to_record(), count) if persist else None
 
     def _forget(self, job: Job) -> None:
         if self.jobs.get(job.client_id) is job:
@@ -277,476 +406,18 @@ class JobService:
     async def _remove_results(self, job_id: str) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.results.remove_job, job_id)
 
-    async def free(self, client_id: str | None) -> None:
-        if client_id is None:
-            targets = [b for b in self.backends if b.up]
-        else:
-            job = self.jobs.get(client_id)
-            backend = job and (job.backend or job.last_backend)
-            if backend is None:
-                raise RequestError(f"clientId '{client_id}' has no job on a backend to free")
-            targets = [backend]
-        await asyncio.gather(*(self._free_backend(b) for b in targets))
-
-    async def _free_backend(self, backend: Backend) -> None:
-        try:
-            await backend.call("POST", "/free", {"unload_models": True, "free_memory": True})
-            self.counters["free_sent"] += 1
-            backend.stats.since_free = 0
-            log.info("backend %s asked to free memory", backend.address)
-        except (BackendUnavailable, BackendRejected) as exc:
-            log.warning("free on %s failed: %s", backend.address, exc)
-
-    # ------------------------------------------------------------------ scheduling
-    def _schedule_pump(self) -> None:
-        if not self._pump_scheduled and not self._closing:
-            self._pump_scheduled = True
-            asyncio.get_running_loop().call_soon(self._pump)
-
-    def _pump(self) -> None:
-        """Give every queued job that some backend can take now to the best such backend."""
-        self._pump_scheduled = False
-        limit = self.settings.max_inflight_per_server
-        free = sum(limit - len(b.in_flight) for b in self.backends if b.up and len(b.in_flight) < limit)
-        if not free or not self.queue:
-            return  # the common case under load: O(1), not a scan of the whole queue
-        taken = []
-        for job in self.queue:
-            backend = self._pick_backend(job)
-            if backend is None:
-                continue
-            taken.append(job)
-            self._dispatch(job, backend)
-            free -= 1
-            if not free:
-                break
-        for job in taken:
-            self._remove_from_queue(job)
-
-    def _pick_backend(self, job: Job) -> Backend | None:
-        limit = self.settings.max_inflight_per_server
-        count = len(self.backends)
-        best, best_key = None, None
-        for backend in self.backends:
-            if not backend.up or len(backend.in_flight) >= limit:
-                continue
-            if job.allowed_backends is not None and backend.address not in job.allowed_backends:
-                continue
-            if backend.node_classes and not job.class_types <= backend.node_classes:
-                continue
-            recent = backend.stats.mean_duration(job.alias)
-            key = (len(backend.in_flight), recent or 0.0, (backend.index - self._round_robin) % count)
-            if best_key is None or key < best_key:
-                best, best_key = backend, key
-        return best
-
-    def _remove_from_queue(self, job: Job) -> None:
-        try:
-            self.queue.remove(job)
-        except ValueError:
-            pass
-
-    def _dispatch(self, job: Job, backend: Backend) -> None:
-        self._round_robin = (backend.index + 1) % len(self.backends)
-        job.state = JobState.RUNNING
-        job.backend = job.last_backend = backend
-        job.stop_reason = None
-        job.attempts += 1
-        job.dispatched_at = time.monotonic()
-        backend.in_flight.add(job.id)
-        self._transition(job, "dispatched", backend, waited=time.time() - job.created)
-        job.task = self._spawn(self._run(job, backend))
-
-    def _release(self, job: Job) -> None:
-        backend = job.backend
-        if backend is not None:
-            backend.in_flight.discard(job.id)
-            if job.prompt_id is not None:
-                backend.unlisten(job.prompt_id)
-        job.backend = None
-        self._schedule_pump()
-
-    def _backend_up(self, backend: Backend) -> None:
-        if backend.abandoned:
-            prompts, backend.abandoned = backend.abandoned, set()
-            self._spawn(self._clean_abandoned(backend, prompts))
-        self._schedule_pump()
-
-    async def _clean_abandoned(self, backend: Backend, prompts: set[str]) -> None:
-        """Prompts whose jobs moved elsewhere must not run (or be kept) here as well."""
-        for prompt_id in prompts:
-            await self._stop_prompt(backend, prompt_id)
-        await self._forget_on_backend(backend, sorted(prompts))
-
-    def _backend_down(self, backend: Backend) -> None:
-        """Its jobs go back to the front of the queue; their tasks stop where they are."""
-        for job in [j for j in self.jobs.values() if j.backend is backend and j.state is JobState.RUNNING]:
-            job.stop_reason = StopReason.BACKEND_LOST
-            if job.task is not None and job.task is not asyncio.current_task():
-                job.task.cancel()
-                self._requeue_or_fail(job, f"backend {backend.address} was lost")
-
-    def _requeue_or_fail(self, job: Job, why: str, counted: bool = True) -> None:
-        if job.backend is not None and job.prompt_id is not None:
-            # If that backend comes back still holding the prompt, it is stopped there.
-            job.backend.abandoned.add(job.prompt_id)
-        self._release(job)
-        job.prompt_id = None
-        if counted and job.requeues >= self.settings.max_retries:
-            self._fail(job, f"{why}; gave up after {job.attempts} attempts")
-            return
-        job.requeues += counted
-        job.state, job.executing = JobState.QUEUED, False
-        self.queue.appendleft(job)
-        self._transition(job, "requeued", reason=why)
-        self._schedule_pump()
-
-    # ------------------------------------------------------------------ one run
-    async def _run(self, job: Job, backend: Backend, resume: bool = False) -> None:
-        watch = _PromptWatch(self, job)
-        try:
-            if not resume:
-                await self._submit_prompt(job, backend, watch)
-            elif not await self._resume_prompt(job, backend, watch):
-                self._requeue_or_fail(job, f"backend {backend.address} no longer had its prompt", counted=False)
-                return
-            outcome, data = await self._await_outcome(job, backend, watch)
-            if outcome == "success":
-                # ComfyUI serves /history and /view while it runs the next prompt: hand the
-                # slot on now, so the GPU does not wait for our downloads.
-                backend.in_flight.discard(job.id)
-                self._schedule_pump()
-            if outcome == "error":
-                await self._execution_failed(job, backend, data)
-                return
-            if outcome == "interrupted":
-                raise _JobFailed(INTERRUPTED)
-            await self._collect_results(job, backend)
-        except asyncio.CancelledError:
-            if job.stop_reason is None:
-                raise  # shutting down
-        except _JobFailed as failure:
-            self._release(job)
-            backend.stats.failed += 1
-            self._fail(job, str(failure))
-        except BackendRejected as exc:
-            self._release(job)
-            backend.stats.failed += 1
-            self._fail(job, describe_rejection(exc.body, job.graph, exc.status))
-        except BackendUnavailable as exc:
-            if job.state is JobState.RUNNING and job.stop_reason in (None, StopReason.BACKEND_LOST):
-                self._requeue_or_fail(job, f"backend {backend.address} failed: {exc}")
-
-    async def _submit_prompt(self, job: Job, backend: Backend, watch: _PromptWatch) -> None:
-        """Files first, then POST /prompt. A backend that restarted since it got our files
-        refuses them at validation: upload them again, once."""
-        for attempt in (1, 2):
-            graph = await self._place_files(job, backend)
-            job.prompt_id = str(uuid.uuid4())  # canonical form: current ComfyUI refuses others
-            job.tracker = ProgressTracker(graph, backend.output_classes)
-            backend.listen(job.prompt_id, watch)
-            # Written before the backend hears of it, so a restart knows where to look.
-            await self.store.save(job.client_id, job.to_record())
-            try:
-                answer = await backend.call("POST", "/prompt", {
-                    "prompt": graph, "client_id": backend.ws_client_id, "prompt_id": job.prompt_id})
-            except BackendRejected as exc:
-                backend.unlisten(job.prompt_id)
-                if attempt == 1 and job.files and _lost_input_file(exc.body, job.files):
-                    log.warning("backend %s lost input files of job %s; uploading them again",
-                                backend.address, job.id)
-                    for path in job.files.values():
-                        backend.uploaded.pop(str(path), None)
-                    continue
-                raise
-            self._adopt_prompt_id(job, backend, watch, answer)
-            if isinstance(answer, dict) and answer.get("node_errors"):
-                # Accepted with some outputs dropped: the client asked for the whole graph.
-                self._spawn(self._stop_prompt(backend, job.prompt_id))
-                raise _JobFailed(describe_rejection(answer, job.graph))
-            return
-
-    async def _resume_prompt(self, job: Job, backend: Backend, watch: _PromptWatch) -> bool:
-        """After a bridge restart: is the job's prompt still known to its backend?"""
-        if not await backend.wait_up(max(self.settings.backend_timeout, 10.0)):
-            return False
-        job.tracker = ProgressTracker(job.graph, backend.output_classes)
-        backend.listen(job.prompt_id, watch)
-        entry = await self._history_entry(backend, job.prompt_id)
-        if entry is not None:
-            outcome = _outcome_from_history(entry)
-            if outcome is not None:
-                watch.resolve(*outcome)
-                return True
-        running, pending = await _backend_queue(backend)
-        if job.prompt_id in running | pending:
-            job.executing = job.prompt_id in running
-            return True  # its events go to the old socket's id: the history poll will see the end
-        backend.unlisten(job.prompt_id)
-        return False
-
-    def _adopt_prompt_id(self, job: Job, backend: Backend, watch: _PromptWatch, answer) -> None:
-        """Servers before mid-2025 ignore a client-chosen prompt_id and make their own."""
-        real = answer.get("prompt_id") if isinstance(answer, dict) else None
-        if isinstance(real, str) and real and real != job.prompt_id:
-            backend.unlisten(job.prompt_id)
-            job.prompt_id = real
-            backend.listen(real, watch)
-
-    async def _place_files(self, job: Job, backend: Backend) -> dict:
-        """Put the job's input files on the backend (once per file and backend), rewrite names."""
-        graph = {nid: {**node, "inputs": dict(node.get("inputs", {}))} for nid, node in job.graph.items()}
-        for key, path in job.files.items():
-            node_id, name = key.split("/", 1)
-            graph[node_id]["inputs"][name] = await self._file_on_backend(backend, path)
-        return graph
-
-    async def _file_on_backend(self, backend: Backend, path: Path) -> str:
-        """The file's name on the backend; concurrent jobs share one upload of it."""
-        key = str(path)
-        if key in backend.uploaded:
-            return backend.uploaded[key]
-        pending = backend.uploading.get(key)
-        if pending is None:
-            pending = backend.uploading[key] = asyncio.ensure_future(upload_file(backend, path))
-            pending.add_done_callback(lambda _: backend.uploading.pop(key, None))
-        remote = await asyncio.shield(pending)
-        backend.uploaded[key] = remote
-        return remote
-
-    async def _await_outcome(self, job: Job, backend: Backend, watch: _PromptWatch):
-        """Wait for the prompt's end from the websocket, polling history as a safety net."""
-        deadline = job.dispatched_at + self.settings.execution_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._spawn(self._stop_prompt(backend, job.prompt_id))
-                raise _JobFailed(f"time out error: exceed {_seconds(self.settings.execution_timeout)}s")
-            done, _ = await asyncio.wait({watch.outcome}, timeout=min(remaining, HISTORY_POLL_INTERVAL))
-            if done:
-                return watch.outcome.result()
-            entry = await self._history_entry(backend, job.prompt_id)
-            if entry is not None:
-                outcome = _outcome_from_history(entry)
-                if outcome is not None:
-                    watch.resolve(*outcome)
-
-    async def _history_entry(self, backend: Backend, prompt_id: str) -> dict | None:
-        answer = await backend.call("GET", f"/history/{prompt_id}")
-        if isinstance(answer, dict) and isinstance(answer.get(prompt_id), dict):
-            return answer[prompt_id]
-        return None
-
-    async def _execution_failed(self, job: Job, backend: Backend, data: dict) -> None:
-        backend.stats.failed += 1
-        reason = describe_execution_error(data, job.graph)
-        if _is_out_of_memory(data) and not job.oom_retried:
-            job.oom_retried = True
-            log.warning("out of memory on %s for job %s: freeing it and retrying once", backend.address, job.id)
-            await self._free_backend(backend)
-            self._release(job)
-            job.prompt_id = None
-            job.state, job.executing = JobState.QUEUED, False
-            self.queue.appendleft(job)
-            self._transition(job, "requeued", backend, reason="out of memory; retrying once after /free")
-            self._schedule_pump()
-            return
-        self._release(job)
-        self._fail(job, reason)
-
-    async def _collect_results(self, job: Job, backend: Backend) -> None:
-        entry = None
-        give_up = time.monotonic() + HISTORY_WRITE_GRACE
-        delay = 0.01
-        while entry is None:
-            entry = await self._history_entry(backend, job.prompt_id)
-            if entry is None:
-                if time.monotonic() > give_up:
-                    raise _JobFailed("the backend finished the job but kept no history of it")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
-        files = output_files(entry, job.graph)
-        stored = []
-        for index, item in enumerate(files):
-            target = self.results.file_path(job.id, index, item.filename)
-            stored.append(await download_to(backend, item, target))
-        await self._finish(job, backend, stored)
-        # Only once the results are safely ours: a crash before this point finds them again.
-        self._spawn(self._forget_on_backend(backend, [job.prompt_id]))
-
-    async def _forget_on_backend(self, backend: Backend, prompt_ids: list[str]) -> None:
-        try:
-            await backend.call("POST", "/history", {"delete": prompt_ids})
-        except (BackendUnavailable, BackendRejected):
-            pass
-
-    async def _finish(self, job: Job, backend: Backend, stored: list) -> None:
-        duration = time.monotonic() - job.dispatched_at
-        backend.stats.completed += 1
-        backend.stats.since_free += 1
-        backend.stats.record_duration(job.alias, duration)
-        self._release(job)
-        job.results = stored
-        job.state = JobState.DONE
-        job.percent = 100.0
-        job.finished_at = time.time()
-        count = self.state.increment()
-        saved = self._transition(job, "done", backend, count=count, duration=duration, files=len(stored))
-        n = self.settings.free_after_n_generations
-        if n and backend.stats.since_free >= n:
-            backend.stats.since_free = 0
-            self._spawn(self._free_backend(backend))
-        await saved  # `closed` promises the results are there, even across a crash
-        self.hub.publish(job.client_id, job.status(), final=True)
-
-    def _fail(self, job: Job, reason: str) -> None:
-        job.state = JobState.ERROR
-        job.error = reason
-        job.finished_at = time.time()
-        if job.tracker is not None:
-            job.tracker = None
-        self._transition(job, "failed", job.last_backend, reason=reason)
-        if self.hub.publish(job.client_id, status_message("error", reason), final=True):
-            job.error_reported = True
-
-    def _progress(self, job: Job, started: bool = False) -> None:
-        """Tell the client when its job starts and whenever its percent moves."""
-        percent = job.tracker.percent if job.tracker is not None else job.percent
-        if percent > job.percent or started:
-            job.percent = max(percent, job.percent)
-            job.executing = True
-            self.hub.publish(job.client_id, job.status())
-
-    async def _stop_prompt(self, backend: Backend, prompt_id: str) -> None:
-        """Stop one prompt and nothing else: delete it if still waiting, interrupt it if running."""
-        try:
-            running, pending = await _backend_queue(backend)
-            if prompt_id in pending:
-                await backend.call("POST", "/queue", {"delete": [prompt_id]})
-            elif prompt_id in running:
-                # Only when it runs now: servers older than 2025-09 ignore the prompt_id and
-                # interrupt whatever runs, which is then this prompt.
-                await backend.call("POST", "/interrupt", {"prompt_id": prompt_id})
-        except (BackendUnavailable, BackendRejected) as exc:
-            log.warning("could not stop prompt %s on %s: %s", prompt_id, backend.address, exc)
-
-    def snapshot(self, now: float) -> dict:
-        """What GET /status shows: each backend, the queue, the jobs."""
-        oldest = min((job.created for job in self.queue), default=None)
-        states: dict[str, int] = {}
-        for job in self.jobs.values():
-            states[job.state.value] = states.get(job.state.value, 0) + 1
-        return {
-            "backends": [{
-                "address": b.address,
-                "up": b.up,
-                "since": round(b.state_since, 3),
-                "in_flight": len(b.in_flight),
-                "completed": b.stats.completed,
-                "failed": b.stats.failed,
-                "last_error": b.stats.last_error,
-                "mean_duration": _rounded(b.stats.mean_duration()),
-            } for b in self.backends],
-            "queue": {"length": len(self.queue),
-                      "oldest_wait": round(now - oldest, 3) if oldest else 0.0},
-            "jobs": states,
-            "generation_count": self.state.generation_count,
-        }
-
-    # ------------------------------------------------------------------ observation
-    def _transition(self, job: Job, event: str, backend: Backend | None = None, count: int | None = None,
-                    **detail) -> asyncio.Future:
-        """One log line per job transition, the same facts to observers (metrics), and the
-        job's new state on disk (the returned future resolves once it is written)."""
-        extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
-        level = logging.WARNING if event == "requeued" else logging.INFO
-        if job.dispatched_at is not None and event in ("failed", "cancelled") and "duration" not in detail:
-            detail["duration"] = time.monotonic() - job.dispatched_at
-        log.log(level, "job %s clientId=%s job=%s workflow=%s prompt=%s backend=%s %s", event, job.client_id,
-                job.id, job.alias, job.prompt_id or "-", backend.address if backend else "-", extra)
-        for observer in self.observers:
-            observer(event, job, backend, detail)
-        if event == "expired":  # _forget deletes the row
-            return asyncio.get_running_loop().create_future()
-        return self.store.save(job.client_id, job.to_record(), count)
-
-    # ------------------------------------------------------------------ upkeep
     def sweep_expired(self, now: float | None = None) -> list[str]:
         """Drop ended jobs whose results or errors waited longer than RESULT_TTL."""
         now = now or time.time()
         expired = [job for job in self.jobs.values()
                    if job.ended and job.finished_at and now - job.finished_at > self.settings.result_ttl]
         for job in expired:
-            self._transition(job, "expired", was=job.state.value)
-            self._forget(job)
+            self._transition(job, "expired", persist=False, was=job.state.value)
+            self._forget(job)  # deletes its row
         return [job.client_id for job in expired]
 
-
-class _JobFailed(Exception):
-    pass
-
-
-async def _backend_queue(backend: Backend) -> tuple[set[str], set[str]]:
-    """Prompt ids running and waiting on a backend (GET /queue items are [number, id, ...])."""
-    answer = await backend.call("GET", "/queue")
-    answer = answer if isinstance(answer, dict) else {}
-
-    def ids(key: str) -> set[str]:
-        items = answer.get(key)
-        return {item[1] for item in items if isinstance(item, list) and len(item) > 1} if isinstance(items, list) else set()
-    return ids("queue_running"), ids("queue_pending")
-
-
-def _outcome_from_history(entry: dict):
-    status = entry.get("status") or {}
-    if status.get("completed") and status.get("status_str") == "success":
-        return "success", {}
-    if status.get("status_str") == "error":
-        for kind, data in status.get("messages") or ():
-            if kind in ("execution_error", "execution_interrupted"):
-                return ("error" if kind == "execution_error" else "interrupted"), data
-        return "error", {"exception_message": "execution failed"}
-    return None
-
-
-def _lost_input_file(body, files: dict[str, Path]) -> bool:
-    """A 400 from /prompt that says one of the job's file inputs is not there."""
-    file_nodes = {key.split("/", 1)[0] for key in files}
-    for node_id, info in ((body or {}).get("node_errors") or {}).items() if isinstance(body, dict) else ():
-        if node_id in file_nodes and any(
-                isinstance(e, dict) and e.get("type") == "custom_validation_failed"
-                for e in (info or {}).get("errors") or ()):
-            return True
-    return False
-
-
-def _is_out_of_memory(data: dict) -> bool:
-    text = f"{data.get('exception_type', '')} {data.get('exception_message', '')}".lower()
-    return "outofmemory" in text.replace(" ", "") or "out of memory" in text
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:
-        pass
-
-
-def _asset_path(workflow_dir: Path, name) -> Path | None:
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
-        return None
-    path = Path(workflow_dir) / name
-    return path if path.is_file() else None
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-def _seconds(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _clip(value, limit: int = 80) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+    def files_in_use(self) -> tuple[set[str], set[str]]:
+        """What the disk sweep must keep: upload names active jobs need, job ids with results."""
+        uploads = {path.name for job in self.jobs.values() if job.active for path in job.files.values()}
+        results = {job.id for job in self.jobs.values() if job.results or job.active}
+        return uploads, results

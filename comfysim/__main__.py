@@ -8,6 +8,7 @@ import logging
 import signal
 
 from . import SimulatedComfy
+from .profiles import DEFAULT_PROFILE, PROFILES
 
 
 def main(argv=None) -> None:
@@ -19,6 +20,8 @@ def main(argv=None) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="divides tick durations")
     p.add_argument("--startup-delay", type=float, default=0.0, help="seconds before the port accepts connections")
     p.add_argument("--data-dir", default=None, help="input/output/temp live here (default: a temp dir)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
+                   help=f"which ComfyUI to imitate (default: {DEFAULT_PROFILE})")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--timeline", default=None, metavar="FILE",
                    help="on exit, write each executed prompt's start and end time (JSON) here")
@@ -29,13 +32,13 @@ def main(argv=None) -> None:
 
 async def _serve(args) -> None:
     sim = SimulatedComfy(name=args.name, tick_seconds=args.tick_seconds, data_dir=args.data_dir,
-                         startup_delay=args.startup_delay, speed=args.speed)
+                         startup_delay=args.startup_delay, speed=args.speed, profile=args.profile)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     port = await sim.start(port=args.port, host=args.host)
-    print(f"comfysim {args.name} listening on {args.host}:{port}", flush=True)
+    print(f"comfysim {args.name} ({sim.profile}) listening on {args.host}:{port}", flush=True)
     await stop.wait()
     await sim.stop()
     if args.timeline:

@@ -11,7 +11,9 @@ The worker (server.py) then writes history, broadcasts status and sends `executi
 Caching is ComfyUI's "classic" cache: outputs are keyed by a signature of the node's
 class, inputs and upstream signatures (plus IS_CHANGED, e.g. LoadImage's file hash), and
 at the start of each prompt every entry not used by that prompt is dropped - so only
-the previous prompt's nodes can be reused.
+the previous prompt's nodes can be reused. Today's ComfyUI defaults to its RAM-pressure
+cache instead, which keeps entries until memory runs short: the "current" profile keeps
+the RAM_CACHE_ENTRIES most recently used.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import uuid
 
 from . import protocol
 from .nodes import NODE_CLASSES, Node
+from .profiles import RAM_CACHE_ENTRIES
 
 log = logging.getLogger("comfysim")
 
@@ -201,6 +204,21 @@ class Executor:
         self.outputs.clear()
         self.ui.clear()
 
+    def prune(self, used: set[str]) -> None:
+        """At the start of a prompt: what the cache policy of the profile lets go."""
+        if self.sim.spec.cache == "classic":
+            for cache in (self.outputs, self.ui):
+                for key in [k for k in cache if k not in used]:
+                    del cache[key]
+            return
+        for key in used:  # most recently used last
+            if key in self.outputs:
+                self.outputs[key] = self.outputs.pop(key)
+        while len(self.outputs) > RAM_CACHE_ENTRIES:
+            oldest = next(iter(self.outputs))
+            del self.outputs[oldest]
+            self.ui.pop(oldest, None)
+
     async def offload(self, fn, *args):
         return await self.sim._offload(fn, *args)
 
@@ -215,7 +233,11 @@ class PromptRun:
 
     def __init__(self, executor: Executor, item: list):
         self.executor, self.hub, self.sim = executor, executor.hub, executor.sim
-        _, self.prompt_id, self.prompt, self.extra_data, self.outputs_to_execute = item
+        _, self.prompt_id, self.prompt, extra_data, self.outputs_to_execute, sensitive = item
+        # the keys split off at submission go back in for the nodes (never into history)
+        self.extra_data = {**extra_data, **sensitive} if sensitive else extra_data
+        self.record = None  # set by the simulator when the first node runs
+        self.ui_nodes: set[str] = set()  # nodes whose UI output this run reported (run or cached)
         self.messages: list = []
         self.executed: list[str] = []
         self.signatures: dict[str, str] = {}
@@ -288,10 +310,7 @@ class PromptRun:
         self.hub.client_id = self.extra_data.get("client_id") if isinstance(self.extra_data, dict) else None
         self.add_message("execution_start", {"prompt_id": self.prompt_id}, broadcast=False)
         await self._compute_signatures()
-        used = set(self.signatures.values())
-        for cache in (self.executor.outputs, self.executor.ui):
-            for key in [k for k in cache if k not in used]:
-                del cache[key]
+        self.executor.prune(set(self.signatures.values()))
         cached = [n for n in self.prompt if self._cached(n)]
         self.add_message("execution_cached", {"nodes": cached, "prompt_id": self.prompt_id}, broadcast=False)
 
@@ -351,6 +370,8 @@ class PromptRun:
         cls = NODE_CLASSES[self.prompt[node_id]["class_type"]]
         if sig in self.executor.outputs:
             # A cached output node is not run again; its old UI output is re-reported.
+            if sig in self.executor.ui:
+                self.ui_nodes.add(node_id)
             if hub.client_id is not None:
                 ui = self.executor.ui.get(sig)
                 hub.send("executed", {"node": node_id, "display_node": node_id,
@@ -369,12 +390,14 @@ class PromptRun:
                          hub.client_id)
             await self.sim._gate()
             self.check_interrupt()
+            self.sim._node_started(self, node_id)
             if self.sim._take_oom():
                 raise OutOfMemoryError(OOM_MESSAGE)
             outputs, ui = await cls().run(NodeContext(self, node_id), **inputs)
             if ui:
                 meta = {"node_id": node_id, "display_node": node_id, "parent_node": None, "real_node_id": node_id}
                 self.executor.ui[sig] = {"meta": meta, "output": ui}
+                self.ui_nodes.add(node_id)
                 if hub.client_id is not None:
                     hub.send("executed", {"node": node_id, "display_node": node_id, "output": ui,
                                           "prompt_id": self.prompt_id}, hub.client_id)
@@ -396,7 +419,7 @@ class PromptRun:
     def history_result(self) -> dict:
         outputs, meta = {}, {}
         for node_id in self.prompt:
-            entry = self.executor.ui.get(self.signatures.get(node_id))
+            entry = self.executor.ui.get(self.signatures.get(node_id)) if node_id in self.ui_nodes else None
             if entry is not None:
                 outputs[node_id] = entry["output"]
                 meta[node_id] = entry["meta"]

@@ -17,13 +17,14 @@ import uuid
 import tornado.web
 import tornado.websocket
 
-from . import nodes, protocol
+from . import faults, nodes, protocol
+from .profiles import SENSITIVE_EXTRA_DATA_KEYS
 from .state import deliver
 from .validation import PromptError, validate_prompt
 
 log = logging.getLogger("comfysim")
 
-TEXT_500 = "500 Internal Server Error\n\nServer got itself in trouble"
+TEXT_500 = faults.TEXT_500
 JSON_TYPE = "application/json; charset=utf-8"
 
 
@@ -86,8 +87,16 @@ class SimMixin:
                 raise tornado.web.Finish()
         if origin_mismatch(req.headers):
             log.warning("comfysim %s: request with non matching host and origin, returning 403", self.sim.name)
-            self.empty(403)
+            self.set_status(403)
+            self.clear_header("Content-Type")
+            self.finish()
             raise tornado.web.Finish()
+        if await faults.apply(self, self.rt):
+            raise tornado.web.Finish()
+
+    @property
+    def spec(self):
+        return self.sim.spec
 
 
 async def _first_of(*coros) -> None:
@@ -183,27 +192,69 @@ class PromptHandler(BaseHandler):
         if "prompt" not in data:
             return self.send_json({"error": _no_prompt(), "node_errors": {}}, 400)
         prompt = data["prompt"]
-        honoured = "prompt_id" in data and not self.sim.legacy  # client-chosen ids came in 2025-07
-        prompt_id = str(data["prompt_id"]) if honoured else str(uuid.uuid4())
+        prompt_id = self._prompt_id(data)
+        if prompt_id is None:
+            return self.send_json({"error": _invalid_prompt_id(), "node_errors": {}}, 400)
         try:
             ok, error, outputs, node_errors = validate_prompt(
-                prompt, data.get("partial_execution_targets"), self.sim.folders)
+                prompt, data.get("partial_execution_targets"), self.sim.folders, self.spec.node_type_errors)
         except PromptError as ex:
             raise tornado.web.HTTPError(500, str(ex))
         extra_data = data.get("extra_data", {})
-        if "client_id" in data:
+        if "client_id" in data or self.spec.create_time:
             if not isinstance(extra_data, dict):
                 raise tornado.web.HTTPError(500, "extra_data is not an object")
+        if "client_id" in data:
             extra_data["client_id"] = data["client_id"]
+        if self.spec.create_time and "comfy_usage_source" not in extra_data:
+            source = self.request.headers.get("Comfy-Usage-Source")
+            if source:
+                extra_data["comfy_usage_source"] = source
         if not ok:
             log.info("comfysim %s: invalid prompt: %s", self.sim.name, error)
             return self.send_json({"error": error, "node_errors": node_errors}, 400)
-        queue.put([number, prompt_id, prompt, extra_data, outputs])
+        sensitive = {}
+        if self.spec.sensitive == "split":
+            for key in SENSITIVE_EXTRA_DATA_KEYS:
+                if key in extra_data:
+                    sensitive[key] = extra_data.pop(key)
+        if self.spec.create_time:
+            extra_data["create_time"] = protocol.now_ms()
+        queue.put([number, prompt_id, prompt, extra_data, outputs, sensitive])
         self.send_json({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+
+    def _prompt_id(self, data: dict) -> str | None:
+        """The id this prompt gets, or None if the profile refuses the client's."""
+        mode = self.spec.prompt_ids
+        if mode == "ignored":  # servers before 2025-07 always chose their own
+            return str(uuid.uuid4())
+        if mode == "any":  # 2025-07 .. 0.3.64: whatever was sent, as a string
+            return str(data["prompt_id"]) if "prompt_id" in data else str(uuid.uuid4())
+        client = data.get("prompt_id")  # today: absent/null -> minted, else canonical UUIDs only
+        if client is None:
+            return str(uuid.uuid4())
+        return client if is_canonical_uuid(client) else None
 
 
 def _no_prompt():
     return {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided", "extra_info": {}}
+
+
+def _invalid_prompt_id():
+    return {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
+            "details": "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+                       "omit it to let the server generate one",
+            "extra_info": {}}
+
+
+def is_canonical_uuid(value) -> bool:
+    """What today's ComfyUI accepts as a job id: a str equal to str(uuid.UUID(it))."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 class QueueHandler(BaseHandler):
@@ -257,7 +308,7 @@ class InterruptHandler(BaseHandler):
         prompt_id = data.get("prompt_id")
         if prompt_id:
             self.sim.interrupt_calls.append(prompt_id)
-            if self.sim.legacy:  # before 2025-09 the body was ignored: a global interrupt
+            if not self.spec.targeted_interrupt:  # before 2025-09 the body was ignored: global
                 self.sim.interrupt()
             elif self.queue.is_running(prompt_id):
                 self.sim.interrupt()
@@ -299,7 +350,7 @@ class FeaturesHandler(BaseHandler):
 
 
 def _server_features(sim) -> dict:
-    return {"supports_preview_metadata": True, "max_upload_size": sim.max_upload_size}
+    return sim.spec.server_features(sim.max_upload_size)
 
 
 MODEL_FOLDERS = ["checkpoints", "configs", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision",
@@ -365,6 +416,8 @@ class WebSocketHandler(SimMixin, tornado.websocket.WebSocketHandler):
         except ValueError:
             return  # an unparsable first message does not use up the negotiation
         self.first_message = False
+        if not self.sim.spec.feature_flags:
+            return  # older servers read nothing from their clients
         if isinstance(data, dict) and data.get("type") == "feature_flags":
             hub = self.rt.hub
             meta = hub.metadata.get(self.sid)

@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from . import protocol
+from . import faults, protocol
 from .execution import Executor
 from .files import Folders
+from .profiles import Profile, resolve
 from .routes import make_app
 from .state import Hub, PromptQueue
 
@@ -28,27 +32,66 @@ class Runtime:
     """Everything a real ComfyUI process keeps in memory; a crash replaces it with a fresh one."""
 
     def __init__(self, sim: "SimulatedComfy"):
-        self.hub = Hub(sim._gate)
-        self.hub.legacy = sim.legacy
-        self.queue = PromptQueue(self.hub)
+        self.hub = Hub(sim._gate, sim.spec)
+        self.queue = PromptQueue(self.hub, sim.spec)
         self.executor = Executor(sim, self.hub, sim.folders)
         self.dead = asyncio.Event()   # set when this process "dies": releases hung requests
         self.tasks: list[asyncio.Task] = []
 
 
-class SimulatedComfy:
-    """An in-process ComfyUI 0.3.64 look-alike speaking the real HTTP + websocket protocol.
+@dataclass
+class Execution:
+    """One run of a prompt that executed at least one node (see SimulatedComfy.executions)."""
+    prompt_id: str
+    prompt: dict                                    # the graph as queued (widget values coerced)
+    nodes: list[str] = field(default_factory=list)  # node ids actually run, in order
 
-    See the package docstring for the knobs.
+
+class SimulatedComfy:
+    """An in-process ComfyUI look-alike speaking the real HTTP + websocket protocol of the
+    version named by `profile` ("legacy", "0.3.64" or "current", the default).
+
+    Fault knobs (all reset by clear_faults(); they survive crash()/restart()):
+
+    fail_prompts_containing = "POISON"   (str, a tuple of str, or None)
+        POST /prompt whose body contains the marker is answered 500 with aiohttp's text
+        page ("500 Internal Server Error\n\nServer got itself in trouble"), as when an
+        exception escapes a handler; nothing is queued, the prompt counter does not move.
+    fail_every = {"history": 3, "view": 2}
+        every N-th request of that route (counted per key from the moment fail_every is
+        assigned) is answered 500 the same way, before the route does anything. A key is
+        a route name (`faults.ROUTES`: "history" = /history and /history/{id}, "view",
+        "prompt", "queue", "upload", "jobs", ...; /api prefixes do not matter), optionally
+        with a method: "GET history" counts only GETs. `fault_counts[key]` = calls seen.
+    stall_next(route, seconds=5, count=1)
+        the next `count` requests of that route (same keys) wait `seconds` before they are
+        handled (they see the state of when they resume); the IOLoop keeps running. A
+        crash()/stop() during a stall drops the connection. `stalling` = requests waiting now.
+    fault_log
+        (kind, method, uri) for every fault applied: "poison", "fail_every", "stall"
+        (logged when the stall starts).
+
+    Execution counter (kept across crash()/restart()):
+
+    executions
+        prompt ids in the order their runs started executing a node: one entry per run
+        that actually ran at least one node (a run served entirely from cache, or a
+        prompt deleted or lost before it started, adds nothing; a run that fails or is
+        interrupted after starting a node counts). `executions.count(pid)` = how often it ran.
+    execution_records
+        the same runs as Execution(prompt_id, prompt, nodes) records.
+    executions_containing(marker)
+        the prompt ids in `executions` whose graph (as JSON) contains the marker.
+
+    See the package docstring for the other knobs and observations.
     """
 
     def __init__(self, name: str = "sim", tick_seconds: float = 0.05, data_dir: Path | str | None = None,
                  startup_delay: float = 0.0, speed: float = 1.0, max_upload_size: int = protocol.DEFAULT_MAX_UPLOAD_SIZE,
-                 legacy: bool = False):
+                 legacy: bool = False, profile: str | Profile | None = None):
         self.name = name
-        # An old ComfyUI (before mid-2024): no execution_success/progress_state, its own
-        # prompt ids whatever the client sends, and /interrupt always global.
-        self.legacy = legacy
+        # legacy=True is the old spelling of profile="legacy"
+        self.spec: Profile = resolve(profile, legacy)
         self.tick_seconds = tick_seconds
         self.startup_delay = startup_delay
         self.speed = speed
@@ -64,6 +107,16 @@ class SimulatedComfy:
         self.interrupt_calls: list[str | None] = []
         # (prompt_id, started, ended, success) per executed prompt, wall-clock seconds (time.time)
         self.prompt_times: list[tuple[str, float, float, bool]] = []
+        self.executions: list[str] = []
+        self.execution_records: list[Execution] = []
+        self.cancel_calls: list[tuple[str, str]] = []
+        # fault knobs
+        self.fail_prompts_containing: str | tuple[str, ...] | None = None
+        self._fail_every: dict[str, int] = {}
+        self.fault_counts: Counter = Counter()
+        self._stalls: dict[str, deque] = {}
+        self.stalling = 0
+        self.fault_log: list[tuple[str, str, str]] = []
         self._oom_remaining = 0
         self._interrupt_flag = False
         self._unhung = asyncio.Event()
@@ -75,6 +128,15 @@ class SimulatedComfy:
         self._listen_task: asyncio.Task | None = None
 
     # -- public API -------------------------------------------------------------------------
+    @property
+    def profile(self) -> str:
+        """The imitated version: "legacy", "0.3.64" or "current"."""
+        return self.spec.name
+
+    @property
+    def legacy(self) -> bool:
+        return self.spec.name == "legacy"
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
@@ -152,6 +214,37 @@ class SimulatedComfy:
         """Set the global interrupt flag, as POST /interrupt without a body does."""
         self._interrupt_flag = True
 
+    # -- fault knobs ------------------------------------------------------------------------
+    @property
+    def fail_every(self) -> dict[str, int]:
+        return dict(self._fail_every)
+
+    @fail_every.setter
+    def fail_every(self, rules: dict[str, int] | None) -> None:
+        rules = dict(rules or {})
+        for key, n in rules.items():
+            faults.parse_key(key)
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"fail_every[{key!r}] must be an int >= 1, not {n!r}")
+        self._fail_every = rules
+        self.fault_counts = Counter()
+
+    def stall_next(self, route: str, seconds: float = 5.0, count: int = 1) -> None:
+        """The next `count` requests of `route` wait `seconds` before they are handled."""
+        faults.parse_key(route)
+        self._stalls.setdefault(route, deque()).extend([float(seconds)] * count)
+
+    def clear_faults(self) -> None:
+        """Switch every fault knob off (pending stalls included; running ones finish)."""
+        self.fail_prompts_containing = None
+        self.fail_every = {}
+        self._stalls.clear()
+
+    def executions_containing(self, marker: str) -> list[str]:
+        """Prompt ids of the executions whose graph (as JSON) contains `marker`."""
+        return [r.prompt_id for r in self.execution_records
+                if marker in json.dumps(r.prompt, ensure_ascii=False)]
+
     @property
     def queue_remaining(self) -> int:
         return self._rt.queue.remaining() if self._rt else 0
@@ -213,6 +306,15 @@ class SimulatedComfy:
         await asyncio.sleep(self.tick_seconds / (self.speed or 1.0))
         await self._gate()
 
+    def _node_started(self, run, node_id: str) -> None:
+        """The executor runs a (non-cached) node of `run`: count the run once, at its first node."""
+        record = getattr(run, "record", None)
+        if record is None:
+            record = run.record = Execution(run.prompt_id, run.prompt)
+            self.execution_records.append(record)
+            self.executions.append(run.prompt_id)
+        record.nodes.append(node_id)
+
     def _take_oom(self) -> bool:
         if self._oom_remaining > 0:
             self._oom_remaining -= 1
@@ -261,10 +363,10 @@ class SimulatedComfy:
             total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
         except (ValueError, OSError, AttributeError):
             total = free = 16 << 30
-        return {
+        stats = {
             "system": {
                 "os": os.name, "ram_total": total, "ram_free": free,
-                "comfyui_version": "0.3.64", "required_frontend_version": "1.27.10",
+                "comfyui_version": self.spec.comfyui_version, "required_frontend_version": "1.27.10",
                 "installed_templates_version": "0.1.95", "required_templates_version": "0.1.95",
                 "python_version": sys.version, "pytorch_version": "2.13.0+cpu", "embedded_python": False,
                 "argv": ["main.py", "--cpu", "--listen", self.host, "--port", str(self.port), "--name", self.name],
@@ -272,3 +374,11 @@ class SimulatedComfy:
             "devices": [{"name": f"cpu (comfysim {self.name})", "type": "cpu", "index": None,
                          "vram_total": total, "vram_free": free, "torch_vram_total": total, "torch_vram_free": free}],
         }
+        if self.spec.name == "current":
+            # today's server: sys.platform, and the comfy* packages of its requirements
+            system = stats["system"]
+            system["os"] = sys.platform
+            system["comfy_package_versions"] = [
+                {"name": "comfyui-frontend-package", "installed": "1.27.10", "required": "1.27.10"},
+                {"name": "comfyui-workflow-templates", "installed": "0.1.95", "required": "0.1.95"}]
+        return stats

@@ -13,6 +13,7 @@ import logging
 from tornado.websocket import WebSocketClosedError
 
 from . import protocol
+from .profiles import SENSITIVE_EXTRA_DATA_KEYS, Profile
 
 log = logging.getLogger("comfysim")
 
@@ -27,7 +28,11 @@ class Hub:
     unregistered id is dropped, and `sid=None` goes to every registered socket.
     """
 
-    def __init__(self, gate):
+    def __init__(self, gate, spec: Profile):
+        # Messages the imitated version never sends (see the package docstring).
+        self.absent = frozenset(event for event, present in (
+            ("execution_success", spec.execution_success), ("progress_state", spec.progress_state),
+            ("feature_flags", spec.feature_flags)) if not present)
         self.sockets: dict[str, object] = {}      # clientId -> handler (the registered one)
         self.metadata: dict[str, dict] = {}       # clientId -> {"feature_flags": {...}}
         self.open_handlers: set = set()           # every open socket, zombies included
@@ -36,12 +41,8 @@ class Hub:
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._gate = gate
 
-    # Messages a server from before July 2024 never sent (see REFERENCE.md, version notes).
-    LEGACY_ABSENT = frozenset({"execution_success", "progress_state", "feature_flags"})
-    legacy = False
-
     def send(self, event: str, data, sid: str | None = None) -> None:
-        if self.legacy and event in self.LEGACY_ABSENT:
+        if event in self.absent:
             return
         # Serialised now: the sender may keep mutating `data` (progress_state does).
         self._outbox.put_nowait((protocol.text_frame(event, data), False, sid))
@@ -81,11 +82,15 @@ async def deliver(handler, message, binary=False) -> None:
 class PromptQueue:
     """ComfyUI's PromptQueue: a heap of pending items, the running one, and the history.
 
-    An item is `[number, prompt_id, prompt, extra_data, outputs_to_execute]`.
+    An item is `[number, prompt_id, prompt, extra_data, outputs_to_execute, sensitive]`;
+    everything the HTTP routes show is the first five elements (`view`), and `sensitive`
+    (the extra_data keys split off at submission, {} unless the profile splits them) only
+    goes back into extra_data for the executor.
     """
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: Hub, spec: Profile):
         self.hub = hub
+        self.spec = spec
         self.number = 0                 # the server's counter for POST /prompt without "number"
         self._heap: list = []           # (number, prompt_id, seq, item)
         self._seq = itertools.count()   # tie-breaker: ComfyUI would compare the dicts and fail
@@ -120,9 +125,17 @@ class PromptQueue:
         self._updated()
         return item, task_id
 
+    @staticmethod
+    def view(item: list) -> list:
+        """The five elements ComfyUI shows: [number, prompt_id, prompt, extra_data, outputs]."""
+        return item[:5]
+
     def current(self) -> tuple[list, list]:
         # queue_pending is the raw heap array, not sorted (as in ComfyUI)
-        return list(self.running.values()), [entry[3] for entry in self._heap]
+        return [self.view(i) for i in self.running.values()], [self.view(entry[3]) for entry in self._heap]
+
+    def is_pending(self, prompt_id) -> bool:
+        return any(entry[1] == prompt_id for entry in self._heap)
 
     def delete_pending(self, prompt_id) -> bool:
         for i, entry in enumerate(self._heap):
@@ -141,7 +154,9 @@ class PromptQueue:
         return any(item[1] == prompt_id for item in self.running.values())
 
     def task_done(self, task_id: int, history_result: dict, status: dict) -> None:
-        prompt = self.running.pop(task_id)
+        prompt = self.view(self.running.pop(task_id))
+        if self.spec.sensitive == "history" and isinstance(prompt[3], dict):
+            prompt[3] = {k: v for k, v in prompt[3].items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
         if len(self.history) > MAX_HISTORY:
             self.history.pop(next(iter(self.history)))
         self.history[prompt[1]] = {"prompt": prompt, "outputs": {}, "status": status, **history_result}

@@ -149,8 +149,37 @@ def _validate_node(prompt, node_id, validated, folders):
     return ret
 
 
-def validate_prompt(prompt, partial_targets, folders):
-    """Returns (ok, error, outputs_to_execute, node_errors) like ComfyUI's validate_prompt."""
+def _missing_class_type(x, node, style):
+    if style == "invalid_prompt":  # up to 0.3.64
+        return _err("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
+                    f"Node ID '#{x}'")
+    title = _meta_title(node)
+    return _err("missing_node_type",
+                f"Node '{title or f'ID #{x}'}' has no class_type. The workflow may be corrupted or a custom "
+                "node is missing.", f"Node ID '#{x}'", {"node_id": x, "class_type": None, "node_title": title})
+
+
+def _unknown_class(x, node, class_type, style):
+    if style == "invalid_prompt":
+        return _err("invalid_prompt", f"Cannot execute because node {class_type} does not exist.", f"Node ID '#{x}'")
+    title = _meta_title(node, class_type)
+    return _err("missing_node_type", f"Node '{title}' not found. The custom node may not be installed.",
+                f"Node ID '#{x}'", {"node_id": x, "class_type": class_type, "node_title": title})
+
+
+def _meta_title(node, default=None):
+    meta = node.get("_meta", {})
+    if not isinstance(meta, dict):
+        raise PromptError("_meta is not an object")  # ComfyUI calls .get() on it: a 500
+    return meta.get("title", default)
+
+
+def validate_prompt(prompt, partial_targets, folders, node_type_errors="invalid_prompt"):
+    """Returns (ok, error, outputs_to_execute, node_errors) like ComfyUI's validate_prompt.
+
+    node_type_errors: how a node without (or with an unknown) class_type is reported:
+    "invalid_prompt" (0.3.64 and before) or "missing_node_type" (today's ComfyUI).
+    """
     if isinstance(prompt, list) and not prompt:
         prompt = {}
     if not isinstance(prompt, dict):
@@ -160,15 +189,15 @@ def validate_prompt(prompt, partial_targets, folders):
         if not isinstance(node, (dict, list, str)):
             raise PromptError(f"node {x} is not an object")
         if "class_type" not in node:
-            return False, _err("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
-                               f"Node ID '#{x}'"), [], {}
+            if not isinstance(node, dict) and node_type_errors != "invalid_prompt":
+                raise PromptError(f"node {x} is not an object")
+            return False, _missing_class_type(x, node, node_type_errors), [], {}
         if not isinstance(node, dict):
             raise PromptError(f"node {x} is not an object")
         class_type = node["class_type"]
         cls = NODE_CLASSES.get(class_type) if isinstance(class_type, str) else None
         if cls is None:
-            return False, _err("invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
-                               f"Node ID '#{x}'"), [], {}
+            return False, _unknown_class(x, node, class_type, node_type_errors), [], {}
         if cls.OUTPUT_NODE and (partial_targets is None or x in partial_targets):
             outputs.append(x)
     if not outputs:

@@ -4,49 +4,24 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import re
-from urllib.parse import unquote_plus
 
 import ujson
 from tornado import web
 from tornado.log import app_log, gen_log
 
-from balancer.service import RequestError
+from balancer.errors import Busy, FileNotUploaded, Refused, ResultsWaiting, UnknownClient
+from balancer.jobs import CLIENT_ID
+from logs import one_line, request_summary, scrub
 
 log = logging.getLogger("bridge.http")
 
-CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: "$" would let a trailing newline in
 MAX_JSON_BODY = 1024 * 1024
 # Bytes tornado reads for a request whose handler does not raise its limit (only /upload does):
 # enough for the JSON body, so an oversized one is refused from its Content-Length, not buffered.
 SERVER_MAX_BODY = MAX_JSON_BODY + 64 * 1024
 CHUNKED_DRAIN = 8 * MAX_JSON_BODY
 CORS_MAX_AGE = "600"
-_SECRET_QUERY = re.compile(r"(?i)((?:token|api_key|apikey|key)=)[^&\s'\"]*")
-_SECRET_HEADER = re.compile(r"(?i)(bearer\s+|x-api-key[\"']?\s*[:=,]\s*[\"']?)[^\s'\",)]+")
-
-
-_QUERY_PAIR = re.compile(r"([?&;])([^=&;\s'\"]+)=([^&;\s'\"]*)")
-_SECRET_NAMES = ("token", "key")
-
-
-def _scrub_pair(match: re.Match) -> str:
-    # tornado decodes parameter names: "%74oken=" is "token=" to it, so it must be to us too.
-    name = unquote_plus(match.group(2)).strip().lower()
-    if name.endswith(_SECRET_NAMES):
-        return f"{match.group(1)}{match.group(2)}=***"
-    return match.group(0)
-
-
-def scrub(text: str) -> str:
-    """Keys never reach the logs: `token=`/`key=` query values and bearer tokens become ***."""
-    text = _QUERY_PAIR.sub(_scrub_pair, text)
-    return _SECRET_HEADER.sub(r"\1***", _SECRET_QUERY.sub(r"\1***", text))
-
-
-def one_line(text: str) -> str:
-    """Client text quoted in a log line: control characters escaped, so it cannot forge lines."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+NOT_RECOGNIZED = "The client ID has not been submitted to the server before. It is not recognized. / {}"
 
 
 def to_json(data) -> str:
@@ -94,6 +69,34 @@ class ApiError(web.HTTPError):
         super().__init__(status, log_message=detail.replace("%", "%%"))
         self.detail = detail
         self.headers = headers or {}
+
+
+def http_error(exc: BaseException) -> ApiError | None:
+    """The one mapping from the core's refusals to HTTP answers (None: not a refusal)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UnknownClient):
+        return ApiError(400, NOT_RECOGNIZED.format(exc.client_id))
+    if isinstance(exc, ResultsWaiting):
+        return ApiError(400, f"clientId '{exc.client_id}' has results waiting; fetch them with "
+                             "GET /history first or use a new clientId")
+    if isinstance(exc, FileNotUploaded):
+        return ApiError(400, f"input '{exc.key}': file '{exc.shown}' was never uploaded; "
+                             "upload it with POST /upload and pass the saved name")
+    if isinstance(exc, Refused):
+        return ApiError(400, str(exc))
+    if isinstance(exc, Busy):
+        return ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+    return None
+
+
+def write_detail(handler: web.RequestHandler, status: int, detail: str, headers: dict | None = None) -> None:
+    """Every error body of the bridge: `{"detail": ...}` as JSON."""
+    handler.set_status(status)
+    for name, value in (headers or {}).items():
+        handler.set_header(name, value)
+    handler.set_header("Content-Type", "application/json; charset=utf-8")
+    handler.finish(to_json_bytes({"detail": detail}))
 
 
 def api_key_matches(settings, headers, query_token: str | None = None) -> bool:
@@ -152,7 +155,7 @@ class AccessMixin:
 
     def _request_summary(self) -> str:
         # tornado logs this for every HTTPError and uncaught exception: the query may hold ?token=.
-        return scrub(f"{self.request.method} {self.request.uri} ({self.request.remote_ip})")
+        return request_summary(self.request)
 
     def decode_argument(self, value: bytes, name: str | None = None) -> str:
         try:
@@ -162,7 +165,9 @@ class AccessMixin:
             raise ApiError(400, f"{what} is not valid UTF-8 (percent-encode UTF-8 bytes)") from None
 
     def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, web.HTTPError):
+        if isinstance(value, (Refused, Busy)):
+            log.info("%s: %s", self._request_summary(), scrub(one_line(str(value))))
+        elif isinstance(value, web.HTTPError):
             message = value.get_message()
             if message:  # it may quote client text: one line, and no key in it
                 gen_log.warning("%d %s: %s", value.status_code, self._request_summary(),
@@ -255,31 +260,18 @@ class JsonHandler(AccessMixin, web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, (ApiError, RequestError)):
-            detail = exc.detail if isinstance(exc, ApiError) else str(exc)
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        elif isinstance(exc, web.HTTPError) and exc.log_message:
+        error = http_error(exc) if exc is not None else None
+        if error is not None:
+            # A refusal from the core reaches tornado as an uncaught exception (status 500):
+            # its own status is set here.
+            return write_detail(self, error.status_code, error.detail, error.headers)
+        if isinstance(exc, web.HTTPError) and exc.log_message:
             detail = exc.log_message % exc.args if exc.args else exc.log_message
         elif status_code >= 500:
             detail = "internal error; the bridge logged the details"
         else:
             detail = self._reason
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(to_json_bytes({"detail": detail}))
-
-    def _handle_request_exception(self, e: BaseException) -> None:
-        # RequestError from the core is a client error, not a bug: answer with its status.
-        if isinstance(e, RequestError) and not self._finished:
-            self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
-            return
-        super()._handle_request_exception(e)
-
-    def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, RequestError):
-            log.info("%d %s: %s", value.status, self.request.path, scrub(one_line(str(value))))
-            return
-        super().log_exception(typ, value, tb)
+        write_detail(self, status_code, detail)
 
 
 class NotFoundHandler(JsonHandler):

@@ -11,10 +11,9 @@ import uuid
 
 from tornado.iostream import StreamClosedError
 
-from balancer.jobs import JobState
+from balancer.errors import UnknownClient
 
-from .base import ApiError, JsonHandler
-from .jobs import NOT_RECOGNIZED
+from .base import NOT_RECOGNIZED, JsonHandler
 
 CHUNK = 256 * 1024
 log = logging.getLogger("bridge.http")
@@ -27,18 +26,13 @@ def _quoted(value: str) -> str:
 class HistoryHandler(JsonHandler):
     async def get(self) -> None:
         client_id = self.client_id()
-        job = self.service.get(client_id)
-        if job is None:
+        try:
+            job = self.service.history(client_id)  # a failed job: JobFailed, a 400 with its reason
+        except UnknownClient:
             return self._no_content(NOT_RECOGNIZED.format(client_id))
-        if job.state is JobState.ERROR:
-            self.service.error_delivered(job)
-            raise ApiError(400, job.error)
-        if job.state is not JobState.DONE:
+        if job is None:
             return self._no_content(f"No contents with that client id / {client_id}")
-        if await self._send_multipart(job.results):
-            self.service.results_delivered(job)
-        else:
-            self.service.counters["history_broken"] += 1
+        self.service.results_sent(job, complete=await self._send_multipart(job.results))
 
     def _no_content(self, detail: str) -> None:
         self.set_status(204)

@@ -5,7 +5,10 @@ import time
 
 from tornado import web
 
-from .base import JsonHandler, scrub, to_json_bytes
+from balancer.service import why_down
+from logs import request_summary
+
+from .base import JsonHandler, write_detail
 
 
 class GenerationCountHandler(JsonHandler):
@@ -18,8 +21,13 @@ class HealthHandler(JsonHandler):
     public = True
 
     def get(self) -> None:
-        up = sum(1 for b in self.service.backends if b.up)
-        self.write_json({"status": "ok", "backends_up": up, "backends": len(self.service.backends)})
+        """503 when no backend is up, so a load balancer stops sending traffic here."""
+        backends = self.service.backends
+        up = sum(1 for b in backends if b.up)
+        if up:
+            return self.write_json({"status": "ok", "backends_up": up, "backends": len(backends)})
+        self.write_json({"status": "unavailable", "backends_up": 0, "backends": len(backends),
+                         "detail": f"no backend is up ({why_down(backends)})"}, status=503)
 
 
 class StatusHandler(JsonHandler):
@@ -42,12 +50,10 @@ class PageHandler(web.StaticFileHandler):
     def write_error(self, status_code: int, **kwargs) -> None:
         # JSON like every other answer of the bridge; never tornado's page, never a path on disk.
         reasons = {403: "not a file of the test page", 404: "no such file"}
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        detail = f"{reasons.get(status_code, self._reason)}: {self.request.path}"
-        self.finish(to_json_bytes({"detail": detail}))
+        write_detail(self, status_code, f"{reasons.get(status_code, self._reason)}: {self.request.path}")
 
     def _request_summary(self) -> str:
-        return scrub(f"{self.request.method} {self.request.uri} ({self.request.remote_ip})")
+        return request_summary(self.request)
 
 
 routes = [

@@ -5,7 +5,7 @@ import logging
 
 from tornado import web
 
-from storage.uploads import UploadError
+from storage.multipart import UploadError
 
 from .base import ApiError, JsonHandler
 

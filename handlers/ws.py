@@ -10,11 +10,11 @@ import logging
 import time
 
 from tornado import websocket
-from tornado.iostream import StreamClosedError
 
 from balancer.jobs import CONNECTED_DETAIL, LISTENING_DETAIL, status_message
 
-from .base import AccessMixin, ApiError, to_json, to_json_bytes
+from .base import AccessMixin, ApiError, to_json, write_detail
+from .tornado_shim import write_text_frame_nowait
 
 log = logging.getLogger("bridge.ws")
 
@@ -37,12 +37,7 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
                 raise ApiError(400, "GET /ws is a websocket: connect with a websocket client "
                                     "(headers 'Upgrade: websocket' and 'Connection: Upgrade')")
         except ApiError as exc:
-            self.set_status(exc.status_code)
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-            self.set_header("Content-Type", "application/json; charset=utf-8")
-            self.finish(to_json_bytes({"detail": exc.detail}))
-            return
+            return write_detail(self, exc.status_code, exc.detail, exc.headers)
         await super().get(*args, **kwargs)
 
     def check_origin(self, origin: str) -> bool:
@@ -59,7 +54,7 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
             message = self.service.status(job)
             if job.ended:
                 self.send_status(message, final=True)
-            elif message["status"] == "progress":
+            elif message["status"] == "progress" or self.service.waiting_for(job) is not None:
                 self._send(message)
 
     # StatusSink ----------------------------------------------------------------------
@@ -70,22 +65,10 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
             self.close()
 
     def send_heartbeat(self) -> None:
-        """Like `_send`, minus the Task that tornado's write_message wraps around every frame:
-        with thousands of sockets those Tasks are most of a heartbeat's cost, and the ones
-        still pending when the garbage collector runs get promoted and trigger full
-        collections (hundreds of ms with 10,000 sockets). A heartbeat needs no completion."""
-        conn = self.ws_connection
-        write_frame = getattr(conn, "_write_frame", None)  # tornado's frame writer (pinned 6.6)
-        if write_frame is None or getattr(conn, "_compressor", None) is not None:
-            self._send_text(LISTENING_TEXT)
-            return
+        """The same bytes to every socket, with no completion to wait for (see tornado_shim)."""
         self.last_sent = time.monotonic()
-        if conn.is_closing():
-            return
-        try:
-            write_frame(True, 0x1, LISTENING_BYTES)
-        except StreamClosedError:
-            pass  # on_close follows
+        if not write_text_frame_nowait(self, LISTENING_BYTES):
+            self._send_text(LISTENING_TEXT)
 
     def replaced(self) -> None:
         self._ending = True

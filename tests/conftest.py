@@ -248,3 +248,14 @@ async def api(bridge):
 
 def new_client_id() -> str:
     return str(uuid.uuid4())
+
+
+def stopped_by_id(sim, prompt_id: str, how: tuple[str, ...] = ("interrupted", "dequeued")) -> bool:
+    """The bridge stopped this prompt by its id: the atomic cancel route of a current server
+    (with one of `how` as its effect), or a targeted interrupt / queue delete on older ones."""
+    if any(pid == prompt_id and outcome in how for pid, outcome in getattr(sim, "cancel_calls", ())):
+        return True
+    if "interrupted" in how and prompt_id in sim.interrupt_calls:
+        return True
+    return "dequeued" in how and any(m == "POST" and p.endswith("/queue") and b == {"delete": [prompt_id]}
+                                     for m, p, b in sim.requests_log)

@@ -1,5 +1,5 @@
 """Cancelling: POST /interrupt, closing the websocket, and socket replacement."""
-from tests.conftest import new_client_id, png_bytes, wait_for
+from tests.conftest import new_client_id, png_bytes, stopped_by_id, wait_for
 
 
 async def start_slow(api, client_id, steps=200):
@@ -33,7 +33,7 @@ async def test_interrupt_running_job_targets_its_prompt_only(api, bridge, sim):
     final = await ws.until("error")
     assert final["detail"] == final["details"] and final["detail"].startswith("interrupted")
     assert await ws.next() is None
-    await wait_for(lambda: prompt_id in sim.interrupt_calls, what="targeted interrupt at the backend")
+    await wait_for(lambda: stopped_by_id(sim, prompt_id, ("interrupted",)), what="targeted interrupt at the backend")
     assert None not in sim.interrupt_calls  # never a global interrupt
     info = await api.json(f"/execution-info?clientId={client_id}")
     assert info["status"] == "error" and info["detail"].startswith("interrupted")
@@ -64,7 +64,7 @@ async def test_interrupt_unknown_client_is_400(api):
 async def test_closing_socket_cancels_running_job_and_frees_slot(api, bridge, sim):
     client_id, ws, prompt_id = await running_job_with_socket(api, bridge, sim)
     ws.close()
-    await wait_for(lambda: prompt_id in sim.interrupt_calls, what="targeted interrupt after socket close")
+    await wait_for(lambda: stopped_by_id(sim, prompt_id, ("interrupted",)), what="targeted interrupt after socket close")
     assert None not in sim.interrupt_calls
     assert bridge.service.backends[0].in_flight == set()
     await next_job_runs(api)
@@ -166,6 +166,7 @@ async def test_timeout_reports_and_interrupts(sim, bridge_factory):
     await start_slow(api, client_id)
     final = await ws.until("error")
     assert final["detail"] == "time out error: exceed 0.5s"
-    await wait_for(lambda: len(sim.interrupt_calls) == 1 and sim.interrupt_calls[0] is not None,
-                   what="targeted interrupt on timeout")
+    prompt_id = bridge.service.get(client_id).prompt_id
+    await wait_for(lambda: stopped_by_id(sim, prompt_id, ("interrupted",)), what="targeted interrupt on timeout")
+    assert None not in sim.interrupt_calls
     api.close()

@@ -116,3 +116,16 @@ async def test_json_does_not_escape_slashes(api):
                                {"workflow": "invert", "1/image": saved})
     assert response.body == b'{"detail":"queued / 1"}'
     await api.wait_status(client_id, "closed")
+
+
+async def test_client_websocket_has_nagle_off(api, bridge):
+    """Status frames are small and clients never answer them: with Nagle's algorithm each one
+    waits for the client's delayed ACK (40 ms on Linux). The bridge's side of every client
+    socket must have TCP_NODELAY."""
+    import socket as socketlib
+    client_id = new_client_id()
+    ws = await api.ws(client_id)
+    assert (await ws.next())["status"] == "connected"
+    sink = bridge.bridge.hub._sinks[client_id]
+    sock = sink.ws_connection.stream.socket
+    assert sock.getsockopt(socketlib.IPPROTO_TCP, socketlib.TCP_NODELAY) != 0

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from balancer.jobs import JobState
-from tests.conftest import ROOT, new_client_id, png_bytes, wait_for
+from tests.conftest import ROOT, new_client_id, png_bytes, stopped_by_id, wait_for
 
 
 async def submit_slow(api, count, steps=5, saved=None):
@@ -117,7 +117,7 @@ async def test_hung_backend_is_detected_and_its_job_moves(sim_factory, bridge_fa
     a.hang(False)
     await wait_for(lambda: on_a.up, timeout=10, what="backend a back")
     # The abandoned prompt is stopped there, by its id only.
-    await wait_for(lambda: abandoned_prompt in a.interrupt_calls or
+    await wait_for(lambda: stopped_by_id(a, abandoned_prompt, ("interrupted", "dequeued", "terminal")) or
                    any(p == "/queue" for _, p, _ in a.requests_log), what="abandoned prompt stopped")
     assert None not in a.interrupt_calls
     assert (await api.fetch("/generation-count")).body == b"1"
@@ -207,9 +207,8 @@ async def test_cancel_of_job_waiting_on_backend_deletes_only_it(sim, bridge_fact
     bridge, api, first, second = await two_jobs_on_one_backend(sim, bridge_factory)
     waiting_prompt = bridge.service.get(second).prompt_id
     await api.json(f"/interrupt?clientId={second}", "POST")
-    await wait_for(lambda: any(p.endswith("/queue") and m == "POST" and b == {"delete": [waiting_prompt]}
-                               for m, p, b in sim.requests_log), what="queue delete of the waiting prompt")
-    assert sim.interrupt_calls == []
+    await wait_for(lambda: stopped_by_id(sim, waiting_prompt, ("dequeued",)), what="the waiting prompt deleted")
+    assert sim.interrupt_calls == [] and not stopped_by_id(sim, bridge.service.get(first).prompt_id)
     await finish_all(api, [first])
     assert waiting_prompt not in sim.executed_prompts
     api.close()
@@ -223,7 +222,7 @@ async def test_cancel_running_job_leaves_other_clients_job_running(sim, bridge_f
     await wait_for(lambda: bridge.service.get(first).percent > 0, what="first job running")
     running_prompt = bridge.service.get(first).prompt_id
     await api.json(f"/interrupt?clientId={first}", "POST")
-    await wait_for(lambda: running_prompt in sim.interrupt_calls, what="targeted interrupt")
+    await wait_for(lambda: stopped_by_id(sim, running_prompt, ("interrupted",)), what="targeted interrupt")
     assert None not in sim.interrupt_calls
     await finish_all(api, [second])
 

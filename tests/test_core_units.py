@@ -3,7 +3,7 @@ import asyncio
 import os
 
 from balancer.progress import ProgressTracker, format_percent, nodes_to_run
-from balancer.prompts import describe_execution_error, describe_rejection, output_files
+from balancer.comfy.answers import describe_execution_error, describe_rejection, output_files
 from storage.state import StateFile
 
 GRAPH = {
@@ -109,7 +109,7 @@ def test_progress_state_before_executing_keeps_the_node_running():
 
 def test_events_of_unknown_prompts_are_bounded():
     """Others' prompts on a shared ComfyUI broadcast progress: the buffer must not grow."""
-    from balancer.backend import UNROUTED_EVENTS_PER_PROMPT, UNROUTED_PROMPTS_KEPT, Backend
+    from balancer.comfy.backend import UNROUTED_EVENTS_PER_PROMPT, UNROUTED_PROMPTS_KEPT, Backend
 
     backend = Backend.__new__(Backend)
     backend._listeners, backend._unrouted = {}, {}
@@ -119,3 +119,60 @@ def test_events_of_unknown_prompts_are_bounded():
         backend._route("progress", {"prompt_id": f"p{i}", "value": 1, "max": 1})
     assert len(backend._unrouted) == UNROUTED_PROMPTS_KEPT
     assert all(len(events) <= UNROUTED_EVENTS_PER_PROMPT for events in backend._unrouted.values())
+
+
+def test_restore_plan_orders_queued_jobs_and_resumes_only_those_on_a_known_backend():
+    from balancer.jobs import Job, JobState
+    from balancer.restore import plan_restore
+
+    class Known:
+        address = "127.0.0.1:8188"
+
+    def record(client_id, state, created, backend=None, prompt_id=None):
+        job = Job(client_id=client_id, alias="invert", graph={}, files={}, class_types=frozenset())
+        job.state, job.created, job.prompt_id = state, created, prompt_id
+        return {**job.to_record(), "backend": backend}
+
+    records = [
+        record("q2", JobState.QUEUED, 3), record("q1", JobState.QUEUED, 1),
+        record("run", JobState.RUNNING, 2, Known.address, "p-1"),
+        record("never-sent", JobState.RUNNING, 4),                      # no prompt yet: runs first
+        record("gone-backend", JobState.RUNNING, 5, "10.9.9.9:1", "p-2"),
+        record("done", JobState.DONE, 0, Known.address),
+        {"client_id": "broken"},                                        # unreadable: skipped
+    ]
+    plan = plan_restore(records, [Known()])
+    assert [j.client_id for j in plan.queue] == ["never-sent", "gone-backend", "q1", "q2"]
+    assert [j.client_id for j in plan.resume] == ["run"] and plan.resume[0].backend.address == Known.address
+    assert {j.client_id for j in plan.jobs} == {"q1", "q2", "run", "never-sent", "gone-backend", "done"}
+    done = next(j for j in plan.jobs if j.client_id == "done")
+    assert done.last_backend is not None and done.backend is None   # /free?clientId= finds it
+
+
+async def test_the_nowait_frame_writer_still_works_with_this_tornado():
+    """handlers/tornado_shim.py uses tornado's private frame writer: a client must receive the
+    frame, and the shim must say it wrote it (else every heartbeat takes the slow path)."""
+    from tornado import httpserver, web, websocket
+    from tornado.testing import bind_unused_port
+
+    from handlers.tornado_shim import write_text_frame_nowait
+
+    opened, results = asyncio.Event(), []
+
+    class Socket(websocket.WebSocketHandler):
+        def open(self):
+            results.append(write_text_frame_nowait(self, b'{"status": "listening"}'))
+            opened.set()
+
+    sock, port = bind_unused_port()
+    server = httpserver.HTTPServer(web.Application([(r"/ws", Socket)]))
+    server.add_sockets([sock])
+    try:
+        client = await websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws")
+        await asyncio.wait_for(opened.wait(), 5)
+        assert results == [True]
+        assert await asyncio.wait_for(client.read_message(), 5) == '{"status": "listening"}'
+        client.close()
+    finally:
+        server.stop()
+        await server.close_all_connections()

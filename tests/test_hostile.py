@@ -478,7 +478,7 @@ async def test_an_oversized_json_body_is_refused_before_it_is_read(bridge):
 
 
 async def test_many_multipart_parts(api, bridge):
-    from storage.uploads import MAX_PARTS
+    from storage.multipart import MAX_PARTS
     image = png_bytes(4, 3)
     body, ctype = multipart([(f"f{i}", "x.png", image, "image/png") for i in range(MAX_PARTS)])
     saved = await api.json("/upload", "POST", body, headers={"Content-Type": ctype})

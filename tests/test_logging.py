@@ -9,7 +9,7 @@ import re
 import pytest
 
 import bridge as bridge_module
-from bridge import SecretFilter, configure_logging
+from logs import SecretFilter, configure_logging
 from tests.conftest import wait_for, new_client_id, png_bytes
 
 KEY = "k3y-that-must-never-be-logged"

@@ -82,3 +82,10 @@ def test_env_example_and_readme_document_every_option():
     for opt in OPTIONS:
         assert f"\n{opt.key}=" in example, opt.key
         assert f"| `{opt.key}` |" in readme, opt.key
+
+
+def test_every_option_is_a_settings_field_and_back():
+    from dataclasses import fields
+
+    from settings import Settings
+    assert [opt.key.lower() for opt in OPTIONS] == [f.name for f in fields(Settings)]

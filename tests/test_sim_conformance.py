@@ -1,5 +1,8 @@
 """Replays the captured real-ComfyUI sessions (tests/sim_captures/NN_*.json) against comfysim.
 
+The captures were taken on ComfyUI 0.3.64, so they are replayed against the simulator's
+"0.3.64" profile (not its default, today's ComfyUI: see test_sim_profiles.py for that).
+
 Each capture is a list of events: HTTP exchanges, websocket opens/sends/closes and the
 frames each socket received. The replay sends the same requests in the same order and
 compares, per exchange, the status code, Content-Type and (normalised) body, and per
@@ -34,6 +37,7 @@ from comfysim import SimulatedComfy
 from comfysim.testing import WSClient, fetch, multipart, parse_binary_frame, wait_until
 
 CAPTURES = Path(__file__).parent / "sim_captures"
+CAPTURED_PROFILE = "0.3.64"  # the ComfyUI version the captures were taken on
 TIMEOUT = 10.0
 SET_KEYS = {"executed", "current_outputs", "dependent_outputs"}
 PLACEHOLDER = re.compile(r"^<(\d+) bytes(?: of .*)?>$")
@@ -463,7 +467,9 @@ def keys_of(obj):
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 async def test_replay_capture(name, tmp_path):
     scenario = SCENARIOS[name]
-    sim = SimulatedComfy(name=f"replay-{name[:2]}", tick_seconds=scenario.tick_seconds, data_dir=tmp_path / "sim")
+    sim = SimulatedComfy(name=f"replay-{name[:2]}", tick_seconds=scenario.tick_seconds, data_dir=tmp_path / "sim",
+                         profile=CAPTURED_PROFILE)
+    assert sim.profile == "0.3.64"
     await sim.start(port=0)
     replay = Replay(name, sim, scenario)
     try:

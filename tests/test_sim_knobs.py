@@ -16,11 +16,26 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture
-async def sim(tmp_path):
-    s = SimulatedComfy(name="knob-sim", tick_seconds=0.02, data_dir=tmp_path / "sim")
-    await s.start(port=0)
-    yield s
-    await s.stop()
+async def make_sim(tmp_path):
+    """`await make_sim(profile=...)`: a started simulator (default profile unless given)."""
+    started = []
+
+    async def make(**kwargs):
+        kwargs.setdefault("name", "knob-sim")
+        kwargs.setdefault("tick_seconds", 0.02)
+        s = SimulatedComfy(data_dir=tmp_path / f"sim{len(started)}", **kwargs)
+        await s.start(port=0)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        await s.stop()
+
+
+@pytest.fixture
+async def sim(make_sim):
+    return await make_sim()
 
 
 def base(sim):
@@ -278,7 +293,8 @@ async def test_interrupt_while_idle_is_harmless(sim):
 
 # -- cache ---------------------------------------------------------------------------------------
 
-async def test_classic_cache_and_free(sim):
+async def test_classic_cache_and_free(make_sim):
+    sim = await make_sim(profile="0.3.64")  # the classic cache (today's default keeps more: see test_sim_profiles)
     await upload(base(sim), "src.png", png_bytes())
     ws = await WSClient.connect(ws_base(sim), "c1")
 
@@ -360,19 +376,20 @@ async def test_client_chosen_id_front_and_history_paging(sim):
     ws = await WSClient.connect(ws_base(sim), "c1")
     blocker = (await post_prompt(sim, slow_graph(steps=5000), "c1"))["prompt_id"]
     await ws.wait_message("progress", prompt_id=blocker)
-    late = await post_prompt(sim, slow_graph(steps=1, prefix="late"), "c1", prompt_id="mine-1")
+    mine = "00000000-0000-4000-8000-00000000000a"
+    late = await post_prompt(sim, slow_graph(steps=1, prefix="late"), "c1", prompt_id=mine)
     early = await post_prompt(sim, slow_graph(steps=1, prefix="early"), "c1", front=True)
-    assert late["prompt_id"] == "mine-1" and early["number"] < 0
+    assert late["prompt_id"] == mine and early["number"] < 0
     queue = await get_json(sim, "/queue")
     assert [q[1] for q in queue["queue_running"]] == [blocker]
-    assert sorted(q[1] for q in queue["queue_pending"]) == sorted(["mine-1", early["prompt_id"]])
-    assert await get_json(sim, "/history/mine-1") == {}
+    assert sorted(q[1] for q in queue["queue_pending"]) == sorted([mine, early["prompt_id"]])
+    assert await get_json(sim, f"/history/{mine}") == {}
     assert await get_json(sim, f"/history/{blocker}") == {}  # running: not in history yet
     await fetch(base(sim), "/interrupt", "POST", {"prompt_id": blocker})
-    await ws.wait_prompt_done("mine-1", timeout=TIMEOUT)
+    await ws.wait_prompt_done(mine, timeout=TIMEOUT)
     starts = [d["prompt_id"] for d in data_of(ws, "execution_start")]
-    assert starts == [blocker, early["prompt_id"], "mine-1"]
-    assert list(await get_json(sim, "/history?max_items=2")) == [early["prompt_id"], "mine-1"]
+    assert starts == [blocker, early["prompt_id"], mine]
+    assert list(await get_json(sim, "/history?max_items=2")) == [early["prompt_id"], mine]
     assert list(await get_json(sim, "/history?max_items=1&offset=0")) == [blocker]
     await ws.close()
 
@@ -381,12 +398,15 @@ async def test_standalone_cli(tmp_path):
     timeline = tmp_path / "timeline.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "comfysim", "--port", "0", "--name", "cli-sim", "--data-dir", str(tmp_path / "d"),
-        "--timeline", str(timeline), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        "--timeline", str(timeline), "--profile", "0.3.64", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         line = (await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)).decode()
         address = line.strip().rsplit(" ", 1)[1]
         resp = await fetch(f"http://{address}", "/system_stats")
-        assert resp.code == 200 and "cli-sim" in json.loads(resp.body)["system"]["argv"]
+        system = json.loads(resp.body)["system"]
+        assert resp.code == 200 and "cli-sim" in system["argv"] and system["comfyui_version"] == "0.3.64"
+        assert "(0.3.64)" in line
+        # "t1" is a prompt id only 0.3.64 takes (today's ComfyUI wants a canonical UUID)
         resp = await fetch(f"http://{address}", "/prompt", "POST", {"prompt": slow_graph(steps=1), "prompt_id": "t1"})
         assert resp.code == 200
 

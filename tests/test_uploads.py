@@ -1,4 +1,4 @@
-"""storage.uploads: the upload store and the streaming multipart receiver, without HTTP.
+"""storage.filetypes, storage.multipart and storage.uploads: file-type sniffing, the streaming multipart receiver and the upload store.
 
 Bodies are built by hand and fed in chunks of every shape; each test also checks what is
 left on disk, since a failed upload must leave nothing behind.
@@ -22,7 +22,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from storage.uploads import SNIFF_BYTES, UploadError, UploadStore, detect_kind
+from storage.filetypes import SNIFF_BYTES, detect_kind
+from storage.multipart import UploadError
+from storage.uploads import UploadStore
 
 BOUNDARY = "----bridgeTestBoundary7MA4YWxk"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"

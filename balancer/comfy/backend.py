@@ -1,14 +1,13 @@
-"""One client object per ComfyUI server: every HTTP call to it, its websocket, its health.
-
-All calls go through `Backend.call`, which sets explicit timeouts and turns transport
-failures and 5xx answers into `BackendUnavailable`, so the service can mark the backend down
-and move its jobs. Requests are built here from scratch: a client's `Origin`, `Cookie` or
-`Authorization` header never reaches ComfyUI (it answers 403 to a foreign Origin).
+"""One ComfyUI server as the bridge sees it: its transport, its websocket, its health, the
+slots the bridge's jobs hold on it and what it has run.
 
 Websocket: one per backend, opened with a fresh `clientId` on every (re)connect. ComfyUI
 registers sockets by clientId, and a reconnect under the old id can be silently deregistered
 when the server notices the old socket's close (captured in comfy-protocol 13); events of a
 prompt submitted under a previous id are lost, which the job's history poll covers.
+
+This object is the only writer of its state: the service takes and releases slots and
+records outcomes through its methods.
 """
 from __future__ import annotations
 
@@ -23,29 +22,21 @@ from urllib.parse import urlencode
 
 import ujson
 from tornado import httpclient, websocket
-from tornado.httputil import HTTPHeaders
+
+from .files import UploadCache
+from .http import CONNECT_TIMEOUT, BackendRejected, BackendUnavailable, Transport
 
 log = logging.getLogger("bridge.backend")
 
-CONNECT_TIMEOUT = 5.0
 PROBE_BACKOFF_START = 0.25
 PROBE_BACKOFF_MAX = 10.0
 UNROUTED_PROMPTS_KEPT = 64
 UNROUTED_EVENTS_PER_PROMPT = 256
 HEALTH_MISSES_ALLOWED = 2
-
-
-class BackendUnavailable(Exception):
-    """The backend did not answer, refused the connection, timed out or answered 5xx."""
-
-
-class BackendRejected(Exception):
-    """The backend answered 4xx; `body` is its parsed JSON (or None)."""
-
-    def __init__(self, status: int, body):
-        super().__init__(f"HTTP {status}")
-        self.status = status
-        self.body = body
+# Failed calls in a row, with no answer between, that make a backend down (Envoy's outlier
+# detection ejects a host after 5 consecutive 5xx). A refused or lost connection needs one.
+FAILURES_BEFORE_DOWN = 5
+UNREACHABLE_LOG_EVERY = 60.0
 
 
 class PromptListener(Protocol):
@@ -56,12 +47,12 @@ class PromptListener(Protocol):
 class BackendStats:
     completed: int = 0
     failed: int = 0
-    since_free: int = 0
-    last_error: str = ""
+    since_free: int = 0             # jobs completed since the last /free
+    last_error: str = ""            # why it was last down or unreachable
+    consecutive_failures: int = 0   # failed calls since the last answer
+    last_failure: str = ""          # the last failed call and why
+    call_failures: int = 0          # failed calls in all
     durations: dict[str, deque] = field(default_factory=dict)  # alias -> recent seconds
-
-    def record_duration(self, alias: str, seconds: float) -> None:
-        self.durations.setdefault(alias, deque(maxlen=20)).append(seconds)
 
     def mean_duration(self, alias: str | None = None) -> float | None:
         samples = (self.durations.get(alias, ()) if alias
@@ -80,26 +71,63 @@ class Backend:
         self.health_interval = health_interval
         self._on_up = on_up
         self._on_down = on_down
-        self._http = _keepalive_client(max_clients)
-        # Uploads stream their body from disk (body_producer), which only tornado's own
-        # client supports; they are rare next to the JSON calls.
-        self._upload_http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
+        self.http = Transport(self.base_url, request_timeout, on_answer=self._answered,
+                              on_failure=self._call_failed, max_clients=max_clients)
+        self.files = UploadCache(self)
         self.up = False
         self.state_since = time.time()
         self.ws_client_id = ""
         self.node_classes: frozenset[str] = frozenset()
         self.output_classes: frozenset[str] = frozenset()
-        self.in_flight: set[str] = set()          # job ids holding a slot here
-        self.uploaded: dict[str, str] = {}         # local file -> name on this backend
-        self.uploading: dict[str, asyncio.Future] = {}  # local file -> upload in progress
-        self.abandoned: set[str] = set()           # prompts whose jobs were moved elsewhere
+        self.accepts_prompt_ids = True       # until it refuses one (see api.submit_prompt)
+        self.has_cancel_route: bool | None = None  # POST /api/jobs/{id}/cancel; None: not tried yet
         self.stats = BackendStats()
+        self._slots: set[str] = set()        # job ids holding a slot here
+        self._abandoned: set[str] = set()    # prompts whose jobs were moved elsewhere
         self._listeners: dict[str, PromptListener] = {}
-        self._unrouted: dict[str, list[tuple[str, dict]]] = {}
+        self._unrouted: dict[str, deque] = {}
         self._ws: websocket.WebSocketClientConnection | None = None
         self._supervisor: asyncio.Task | None = None
         self._closing = False
         self._connected_event = asyncio.Event()
+        self._unreachable_logged = float("-inf")
+
+    # ------------------------------------------------------------------ slots and statistics
+    @property
+    def in_flight(self) -> frozenset[str]:
+        return frozenset(self._slots)
+
+    @property
+    def load(self) -> int:
+        return len(self._slots)
+
+    def take_slot(self, job_id: str) -> None:
+        self._slots.add(job_id)
+
+    def release_slot(self, job_id: str) -> None:
+        self._slots.discard(job_id)
+
+    def mean_duration(self, alias: str) -> float | None:
+        return self.stats.mean_duration(alias)
+
+    def record_completed(self, alias: str, seconds: float) -> None:
+        self.stats.completed += 1
+        self.stats.since_free += 1
+        self.stats.durations.setdefault(alias, deque(maxlen=20)).append(seconds)
+
+    def record_failed(self) -> None:
+        self.stats.failed += 1
+
+    def record_freed(self) -> None:
+        self.stats.since_free = 0
+
+    def abandon(self, prompt_id: str) -> None:
+        """The prompt's job moved elsewhere: stop it here if this backend comes back with it."""
+        self._abandoned.add(prompt_id)
+
+    def take_abandoned(self) -> set[str]:
+        prompts, self._abandoned = self._abandoned, set()
+        return prompts
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -116,8 +144,7 @@ class Backend:
             if not done:
                 self._supervisor.cancel()
                 await asyncio.gather(self._supervisor, return_exceptions=True)
-        self._http.close()
-        self._upload_http.close()
+        self.http.close()
 
     async def wait_up(self, timeout: float) -> bool:
         try:
@@ -125,6 +152,24 @@ class Backend:
             return True
         except asyncio.TimeoutError:
             return False
+
+    def _answered(self) -> None:
+        self.stats.consecutive_failures = 0
+
+    def _call_failed(self, reason: str, fatal: bool) -> None:
+        """One failed call is not a dead backend: a lost connection is, and so are several
+        failures in a row with no answer between."""
+        stats = self.stats
+        stats.consecutive_failures += 1
+        stats.call_failures += 1
+        stats.last_failure = reason
+        if fatal:
+            self.mark_down(reason)
+        elif stats.consecutive_failures >= FAILURES_BEFORE_DOWN:
+            self.mark_down(f"{stats.consecutive_failures} calls failed in a row, the last: {reason}")
+        else:
+            log.warning("backend %s: call failed (%d in a row): %s", self.address,
+                        stats.consecutive_failures, reason)
 
     def mark_down(self, reason: str) -> None:
         """Called on any sign of trouble; the supervisor probes and reconnects with backoff."""
@@ -148,10 +193,9 @@ class Backend:
                     self._ws.close()
             except (BackendUnavailable, BackendRejected, OSError, websocket.WebSocketError,
                     httpclient.HTTPError, asyncio.TimeoutError) as exc:
-                self.stats.last_error = self.stats.last_error or str(exc)
-                log.debug("backend %s not reachable yet: %s", self.address, exc)
+                self._unreachable(str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, PROBE_BACKOFF_MAX)
+                delay = min(delay * 2, PROBE_BACKOFF_MAX, self.health_interval)
                 continue
             delay = PROBE_BACKOFF_START
             health = asyncio.get_running_loop().create_task(self._watch_health())
@@ -162,6 +206,15 @@ class Backend:
             if not self._closing:
                 self.mark_down("websocket closed")
 
+    def _unreachable(self, reason: str) -> None:
+        """Say why the backend cannot be reached: at once when the reason is new, then at most
+        once a minute (a bridge pointed at a wrong port must say so, not fill the log)."""
+        now = time.monotonic()
+        if reason != self.stats.last_error or now - self._unreachable_logged >= UNREACHABLE_LOG_EVERY:
+            log.warning("backend %s cannot be reached: %s", self.address, reason)
+            self._unreachable_logged = now
+        self.stats.last_error = reason
+
     async def _watch_health(self) -> None:
         """A hung server keeps its sockets open and answers websocket pings from its event
         loop, yet never answers a request: only a request with a deadline notices. Two misses
@@ -170,7 +223,7 @@ class Backend:
         while self.up:
             await asyncio.sleep(self.health_interval)
             try:
-                await self.call("GET", "/system_stats", timeout=self.health_interval, mark_down=False)
+                await self.http.call("GET", "/system_stats", timeout=self.health_interval, counts=False)
                 misses = 0
             except BackendUnavailable as exc:
                 misses += 1
@@ -182,8 +235,8 @@ class Backend:
                 return
 
     async def _connect(self) -> None:
-        await self.call("GET", "/system_stats", timeout=CONNECT_TIMEOUT)
-        info = await self.call("GET", "/object_info", timeout=max(self.request_timeout, CONNECT_TIMEOUT))
+        await self.http.call("GET", "/system_stats", timeout=CONNECT_TIMEOUT)
+        info = await self.http.call("GET", "/object_info", timeout=max(self.request_timeout, CONNECT_TIMEOUT))
         if isinstance(info, dict):
             self.node_classes = frozenset(info)
             self.output_classes = frozenset(
@@ -194,7 +247,11 @@ class Backend:
             httpclient.HTTPRequest(url, connect_timeout=CONNECT_TIMEOUT, request_timeout=CONNECT_TIMEOUT),
             ping_interval=10, ping_timeout=10, max_message_size=64 * 1024 * 1024)
         # A backend that came back may have restarted: it lost the files we put on it.
-        self.uploaded.clear()
+        self.files.clear()
+        self.accepts_prompt_ids = True
+        self.has_cancel_route = None
+        self.stats.consecutive_failures = 0
+        self.stats.last_error = ""
         self.up = True
         self.state_since = time.time()
         log.info("backend %s is up (%d node classes)", self.address, len(self.node_classes))
@@ -243,65 +300,3 @@ class Backend:
                 self._unrouted.pop(next(iter(self._unrouted)))
             events = self._unrouted[prompt_id] = deque(maxlen=UNROUTED_EVENTS_PER_PROMPT)
         events.append((kind, data))
-
-    # ------------------------------------------------------------------ HTTP
-    async def call(self, method: str, path: str, body=None, *, timeout: float | None = None,
-                   mark_down: bool = True):
-        """One HTTP call with explicit timeouts. JSON in, JSON out."""
-        url = self.base_url + path
-        headers = HTTPHeaders()
-        payload = None
-        if body is not None:
-            if isinstance(body, (bytes, bytearray)):
-                payload = bytes(body)
-            else:
-                payload = ujson.dumps(body).encode()
-                headers["Content-Type"] = "application/json"
-        elif method == "POST":
-            payload = b""
-        total = timeout if timeout is not None else self.request_timeout
-        request = httpclient.HTTPRequest(
-            url, method=method, body=payload, headers=headers, connect_timeout=min(CONNECT_TIMEOUT, total),
-            request_timeout=total, decompress_response=True, follow_redirects=False)
-        response = await self.fetch(request, f"{method} {path}", mark_down)
-        return json_or_none(response.body)
-
-    async def fetch(self, request: httpclient.HTTPRequest, what: str,
-                    mark_down: bool = True) -> httpclient.HTTPResponse:
-        """Send a prepared request; failures become BackendUnavailable (marking this backend
-        down) or BackendRejected (4xx)."""
-        try:
-            client = self._upload_http if request.body_producer is not None else self._http
-            response = await client.fetch(request, raise_error=False)
-        except (OSError, asyncio.TimeoutError, httpclient.HTTPClientError) as exc:
-            # raise_error=False covers HTTP statuses only; timeouts and resets still raise.
-            response, reason = None, str(exc)
-        else:
-            reason = str(response.error) if response.code == 599 else f"HTTP {response.code}"
-        if response is None or response.code == 599 or response.code >= 500:
-            failure = f"{what}: {reason}"
-            if mark_down:
-                self.mark_down(failure)
-            raise BackendUnavailable(failure)
-        if response.code >= 400:
-            raise BackendRejected(response.code, json_or_none(response.body))
-        return response
-
-
-def _keepalive_client(max_clients: int) -> httpclient.AsyncHTTPClient:
-    """libcurl keeps connections to the backend open between calls; tornado's simple client
-    opens a new one per call, which was the largest cost per job on loopback (BENCHMARKS.md)."""
-    try:
-        from tornado.curl_httpclient import CurlAsyncHTTPClient
-    except ImportError:  # pycurl missing: correct, only slower
-        return httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
-    return CurlAsyncHTTPClient(force_instance=True, max_clients=max_clients)
-
-
-def json_or_none(body: bytes | None):
-    if not body:
-        return None
-    try:
-        return ujson.loads(body)
-    except ValueError:
-        return None

@@ -1,4 +1,5 @@
-"""Reading ComfyUI's answers about a prompt: rejections, execution errors and output files."""
+"""Reading ComfyUI's answers: rejections, execution errors, history entries, queue listings and
+output files. Pure functions of the parsed JSON."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,3 +80,52 @@ def output_files(entry: dict, graph: dict) -> list[OutputItem]:
                     seen.add(key)
                     items.append(item)
     return items
+
+
+def queue_prompt_ids(answer) -> tuple[set[str], set[str]]:
+    """Prompt ids running and waiting in a GET /queue answer (items are [number, id, ...])."""
+    answer = answer if isinstance(answer, dict) else {}
+
+    def ids(key: str) -> set[str]:
+        items = answer.get(key)
+        if not isinstance(items, list):
+            return set()
+        return {item[1] for item in items if isinstance(item, list) and len(item) > 1}
+    return ids("queue_running"), ids("queue_pending")
+
+
+def outcome_from_history(entry: dict) -> tuple[str, dict] | None:
+    """("success" | "error" | "interrupted", data) once a history entry says the prompt ended."""
+    status = entry.get("status") or {}
+    if status.get("completed") and status.get("status_str") == "success":
+        return "success", {}
+    if status.get("status_str") == "error":
+        for kind, data in status.get("messages") or ():
+            if kind in ("execution_error", "execution_interrupted"):
+                return ("error" if kind == "execution_error" else "interrupted"), data
+        return "error", {"exception_message": "execution failed"}
+    return None
+
+
+def lost_input_file(body, file_nodes: set[str]) -> bool:
+    """A 400 from /prompt that says one of the given file-input nodes has no file."""
+    if not isinstance(body, dict):
+        return False
+    for node_id, info in (body.get("node_errors") or {}).items():
+        if node_id in file_nodes and any(
+                isinstance(e, dict) and e.get("type") == "custom_validation_failed"
+                for e in (info or {}).get("errors") or ()):
+            return True
+    return False
+
+
+def is_out_of_memory(data: dict) -> bool:
+    text = f"{data.get('exception_type', '')} {data.get('exception_message', '')}".lower()
+    return "outofmemory" in text.replace(" ", "") or "out of memory" in text
+
+
+def refuses_prompt_id(body) -> bool:
+    """POST /prompt's 400 for a prompt_id the server will not take (current servers want a
+    canonical UUID)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("type") == "invalid_prompt_id"

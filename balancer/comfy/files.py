@@ -1,0 +1,129 @@
+"""Moving files between the bridge's disk and a backend: input uploads (with the per-backend
+record of what is there already) and output downloads.
+
+Both stream: an upload is sent from the file in chunks, a download is written to disk as it
+arrives, so memory does not grow with the file's size.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode
+
+from storage.results import ResultFile, media_type_for
+from .answers import OutputItem
+from .http import BackendRejected, json_or_none
+
+if TYPE_CHECKING:
+    from .backend import Backend
+
+CHUNK = 256 * 1024
+UPLOAD_SUBFOLDER = "bridge"
+# Slow links: allow at least this many bytes per second before an upload times out.
+MIN_TRANSFER_RATE = 1024 * 1024
+# A download ends on BACKEND_TIMEOUT seconds of silence; this only bounds a trickle.
+DOWNLOAD_TOTAL_TIMEOUT = 6 * 3600.0
+
+
+class UploadCache:
+    """Which local files a backend has received, and under which name; concurrent jobs that
+    need the same file share one upload. Cleared when the backend (re)connects: it may have
+    restarted and lost them."""
+
+    def __init__(self, backend: "Backend"):
+        self._backend = backend
+        self._names: dict[str, str] = {}                  # local file -> name on the backend
+        self._pending: dict[str, asyncio.Future] = {}     # local file -> upload in progress
+
+    def clear(self) -> None:
+        self._names.clear()
+
+    def forget(self, paths) -> None:
+        for path in paths:
+            self._names.pop(str(path), None)
+
+    async def place(self, path: Path) -> str:
+        """The file's name on the backend, uploading it first if it is not there."""
+        key = str(path)
+        if key in self._names:
+            return self._names[key]
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = asyncio.ensure_future(upload_file(self._backend, path))
+            pending.add_done_callback(lambda _: self._pending.pop(key, None))
+        remote = await asyncio.shield(pending)
+        self._names[key] = remote
+        return remote
+
+
+def _transfer_timeout(backend: "Backend", size: int) -> float:
+    return backend.request_timeout + size / MIN_TRANSFER_RATE
+
+
+async def upload_file(backend: "Backend", path: Path) -> str:
+    """POST /upload/image; returns the name the backend knows the file by."""
+    path = Path(path)
+    size = path.stat().st_size
+    boundary = uuid.uuid4().hex
+    # Our own subfolder: the bridge never overwrites a file someone else put on that server.
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"subfolder\"\r\n\r\n{UPLOAD_SUBFOLDER}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    loop = asyncio.get_running_loop()
+
+    async def produce(write):
+        await write(head)
+        with open(path, "rb") as handle:
+            while True:
+                chunk = await loop.run_in_executor(None, handle.read, CHUNK)
+                if not chunk:
+                    break
+                await write(chunk)
+        await write(tail)
+
+    request = backend.http.request(
+        "POST", "/upload/image", body_producer=produce, timeout=_transfer_timeout(backend, size),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                 "Content-Length": str(len(head) + size + len(tail))})
+    # Sent again on failure: with overwrite into our own subfolder, a repeat changes nothing.
+    response = await backend.http.fetch(request, "POST /upload/image", retry=True)
+    answer = json_or_none(response.body)
+    if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
+        raise BackendRejected(200, answer)
+    subfolder = answer.get("subfolder") or ""
+    return f"{subfolder}/{answer['name']}" if subfolder else answer["name"]
+
+
+async def download_to(backend: "Backend", item: OutputItem, target: Path) -> ResultFile:
+    """GET /view into `target`, streamed to disk; it times out on silence, not on its length."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    handle = open(partial, "wb")
+    size = 0
+
+    def write(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+        handle.write(chunk)
+
+    def restart() -> None:  # a retried read starts the file again
+        nonlocal size
+        size = 0
+        handle.seek(0)
+        handle.truncate()
+
+    query = urlencode({"filename": item.filename, "subfolder": item.subfolder, "type": item.type})
+    request = backend.http.silence_limited(
+        backend.http.request("GET", f"/view?{query}", streaming_callback=write, timeout=DOWNLOAD_TOTAL_TIMEOUT),
+        silence=backend.request_timeout)
+    try:
+        await backend.http.fetch(request, "GET /view", retry=True, restart=restart)
+    finally:
+        handle.close()
+    os.replace(partial, target)
+    return ResultFile(name=item.filename, path=target, media_type=media_type_for(item.filename), size=size)

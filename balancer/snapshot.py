@@ -1,0 +1,32 @@
+"""What GET /status shows: each backend, the queue, the jobs by state."""
+from __future__ import annotations
+
+
+def service_snapshot(service, now: float) -> dict:
+    oldest = min((job.created for job in service.queue), default=None)
+    states: dict[str, int] = {}
+    for job in service.jobs.values():
+        states[job.state.value] = states.get(job.state.value, 0) + 1
+    return {
+        "backends": [_backend(b) for b in service.backends],
+        "queue": {"length": len(service.queue), "oldest_wait": round(now - oldest, 3) if oldest else 0.0},
+        "jobs": states,
+        "generation_count": service.state.generation_count,
+    }
+
+
+def _backend(backend) -> dict:
+    stats = backend.stats
+    mean = stats.mean_duration()
+    return {
+        "address": backend.address,
+        "up": backend.up,
+        "since": round(backend.state_since, 3),
+        "in_flight": backend.load,
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "last_error": stats.last_error,
+        "consecutive_failures": stats.consecutive_failures,
+        "last_failure": stats.last_failure,
+        "mean_duration": None if mean is None else round(mean, 3),
+    }

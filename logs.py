@@ -1,0 +1,103 @@
+"""Everything about the bridge's logs: the process-wide set-up (LOGGING_LEVEL, one line per
+record), the access line per request, and the scrubbing that keeps API keys out of every line."""
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import unquote_plus
+
+from balancer.jobs import CLIENT_ID
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;\s'\"]+)=([^&;\s'\"]*)")
+_SECRET_NAMES = ("token", "key")
+_SECRET_QUERY = re.compile(r"(?i)((?:token|api_key|apikey|key)=)[^&\s'\"]*")
+_SECRET_HEADER = re.compile(r"(?i)(bearer\s+|x-api-key[\"']?\s*[:=,]\s*[\"']?)[^\s'\",)]+")
+
+
+def _scrub_pair(match: re.Match) -> str:
+    # tornado decodes parameter names: "%74oken=" is "token=" to it, so it must be to us too.
+    name = unquote_plus(match.group(2)).strip().lower()
+    if name.endswith(_SECRET_NAMES):
+        return f"{match.group(1)}{match.group(2)}=***"
+    return match.group(0)
+
+
+def scrub(text: str) -> str:
+    """Keys never reach the logs: `token=`/`key=` query values and bearer tokens become ***."""
+    text = _QUERY_PAIR.sub(_scrub_pair, text)
+    return _SECRET_HEADER.sub(r"\1***", _SECRET_QUERY.sub(r"\1***", text))
+
+
+def one_line(text: str) -> str:
+    """Client text quoted in a log line: control characters escaped, so it cannot forge lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def request_summary(request) -> str:
+    """tornado's summary of a request for its own log lines, without the key a query may hold."""
+    return scrub(f"{request.method} {request.uri} ({request.remote_ip})")
+
+
+def log_request(handler) -> None:
+    """One access line per request (method, path, status, duration, clientId), and its metrics."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    request = handler.request
+    seconds = request.request_time()
+    client = request.query_arguments.get("clientId", [b"-"])[-1].decode(errors="replace").strip()
+    if client != "-" and not CLIENT_ID.fullmatch(client):
+        client = "(invalid)"  # refused with a 400; quoting it could forge log lines
+    logging.getLogger("bridge.access").log(
+        level, "%s %s %d %.1fms clientId=%s", request.method, scrub(one_line(request.path)), status,
+        1000.0 * seconds, client)
+    metrics = handler.settings.get("metrics")
+    if metrics is not None:
+        metrics.count_request(type(handler).__name__, request.method or "-", status, seconds)
+
+
+def log_job_event(event: str, job, backend, detail: dict) -> None:
+    """One line per job transition (a `JobService` observer): who, which prompt, where, and
+    the transition's own facts (queue place, duration, reason...)."""
+    extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
+    logging.getLogger("bridge.jobs").log(
+        logging.WARNING if event == "requeued" else logging.INFO,
+        "job %s clientId=%s job=%s workflow=%s prompt=%s backend=%s %s", event, job.client_id, job.id,
+        job.alias, job.prompt_id or "-", backend.address if backend else "-", extra)
+
+
+class SecretFilter(logging.Filter):
+    """Last line of defence on the log handler: keys in any record's text become ***."""
+
+    def __init__(self, api_key: str | None = None):
+        super().__init__()
+        self.api_key = api_key or None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logging's business, not ours
+            return True
+        clean = scrub(text)
+        if self.api_key:
+            clean = clean.replace(self.api_key, "***")
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+def configure_logging(level: str, api_key: str | None = None) -> logging.Handler:
+    """LOGGING_LEVEL for the whole process, one line per record on stderr, secrets scrubbed."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "bridge_handler", False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler()
+    handler.bridge_handler = True
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(SecretFilter(api_key))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Pillow logs every PNG chunk at DEBUG, drowning the bridge's own lines.
+    logging.getLogger("PIL").setLevel(max(logging.INFO, root.level))
+    return handler

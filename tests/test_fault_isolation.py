@@ -1,0 +1,225 @@
+"""One bad answer is not a dead backend: a poison prompt fails alone, flaky or stalled reads
+re-run nothing, and only a lost connection or failures in a row make a backend down."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from balancer.comfy import api as comfy_api
+from balancer.comfy.backend import FAILURES_BEFORE_DOWN, Backend
+from balancer.comfy.http import BackendRejected
+from tests.conftest import new_client_id, png_bytes, stopped_by_id, wait_for
+
+
+def record_downs(bridge) -> list[str]:
+    """Every reason any backend of the bridge is marked down for, from now on."""
+    downs: list[str] = []
+    for backend in bridge.service.backends:
+        original = backend.mark_down
+
+        def mark_down(reason, original=original, address=backend.address):
+            if bridge.service.backends and any(b.address == address and b.up for b in bridge.service.backends):
+                downs.append(f"{address}: {reason}")
+            original(reason)
+        backend.mark_down = mark_down
+    return downs
+
+
+async def run_inverts(api, count: int) -> list[str]:
+    clients = [new_client_id() for _ in range(count)]
+    for i, client_id in enumerate(clients):
+        saved = await api.upload(png_bytes(seed=i))
+        await api.generate(client_id, {"workflow": "invert", "1/image": saved})
+    return clients
+
+
+async def finish(api, clients, timeout=30) -> None:
+    for client_id in clients:
+        info = await api.wait_status(client_id, "closed", "error", timeout=timeout)
+        assert info["status"] == "closed", (client_id, info)
+        assert len(await api.history(client_id)) == 1
+
+
+def executed_once_each(sims, expected: int) -> None:
+    runs = [pid for sim in sims for pid in sim.executions]
+    assert len(runs) == expected and len(set(runs)) == expected, runs
+
+
+async def test_a_poison_prompt_fails_alone_and_moves_nothing(sim_factory, bridge_factory):
+    a, b = await sim_factory(name="sim-a"), await sim_factory(name="sim-b")
+    bridge = await bridge_factory([a, b])
+    api = bridge.api()
+    downs = record_downs(bridge)
+    poison_file = await api.upload(png_bytes(seed=99))
+    for sim in (a, b):
+        sim.fail_prompts_containing = poison_file  # its name on the backend is in the prompt
+    normal = await run_inverts(api, 4)
+    poison = new_client_id()
+    await api.generate(poison, {"workflow": "invert", "1/image": poison_file})
+    normal += await run_inverts(api, 4)
+    info = await api.wait_status(poison, "closed", "error", timeout=30)
+    assert info["status"] == "error"
+    detail = info["detail"]
+    assert detail.startswith("rejected by backends ") and a.address in detail and b.address in detail
+    assert detail.count("HTTP 500") == 2, detail
+    await finish(api, normal)
+    executed_once_each([a, b], 8)
+    assert not a.executions_containing(poison_file) and not b.executions_containing(poison_file)
+    assert downs == [] and all(backend.up for backend in bridge.service.backends)
+    # The error is reported once, like any failed job.
+    answer = await api.fetch(f"/history?clientId={poison}")
+    assert answer.code == 400 and b"rejected by backends" in answer.body
+    api.close()
+
+
+async def test_with_one_backend_a_refused_prompt_fails_at_once(sim, bridge):
+    api = bridge.api()
+    poison_file = await api.upload(png_bytes(seed=7))
+    sim.fail_prompts_containing = poison_file
+    client_id = new_client_id()
+    await api.generate(client_id, {"workflow": "invert", "1/image": poison_file})
+    info = await api.wait_status(client_id, "closed", "error", timeout=15)
+    assert info["status"] == "error"
+    assert info["detail"].startswith(f"rejected by backend {sim.address}: HTTP 500")
+    assert bridge.service.backends[0].up
+    await finish(api, await run_inverts(api, 1))
+    api.close()
+
+
+async def test_flaky_history_and_view_run_every_job_exactly_once(sim_factory, bridge_factory):
+    a, b = await sim_factory(name="sim-a"), await sim_factory(name="sim-b")
+    bridge = await bridge_factory([a, b])
+    api = bridge.api()
+    downs = record_downs(bridge)
+    for sim in (a, b):
+        sim.fail_every = {"history": 3, "view": 2}
+    clients = await run_inverts(api, 20)
+    await finish(api, clients, timeout=40)
+    executed_once_each([a, b], 20)
+    assert any(kind == "fail_every" for sim in (a, b) for kind, _, _ in sim.fault_log)  # faults did happen
+    assert downs == []
+    api.close()
+
+
+async def test_a_stalled_read_past_its_timeout_is_retried_not_fatal(sim, bridge_factory):
+    bridge = await bridge_factory([sim], backend_timeout=1)
+    api = bridge.api()
+    downs = record_downs(bridge)
+    sim.stall_next("history", seconds=3, count=1)
+    clients = await run_inverts(api, 1)
+    await finish(api, clients)
+    executed_once_each([sim], 1)
+    assert downs == []
+    assert any(kind == "stall" for kind, _, _ in sim.fault_log)
+    assert bridge.service.backends[0].stats.consecutive_failures == 0   # answered since
+    status = await api.json("/status")
+    assert status["backends"][0]["consecutive_failures"] == 0
+    api.close()
+
+
+async def test_failures_in_a_row_show_in_status_and_metrics_and_then_make_it_down(sim, bridge_factory):
+    bridge = await bridge_factory([sim])
+    api = bridge.api()
+    backend = bridge.service.backends[0]
+    sim.fail_every = {"GET queue": 1}
+    for _ in range(2):
+        with pytest.raises(Exception):
+            await comfy_api.prompts_on_backend(backend)
+    status = await api.json("/status")
+    assert status["backends"][0]["consecutive_failures"] == 2
+    assert "GET /queue: HTTP 500" in status["backends"][0]["last_failure"]
+    assert status["backends"][0]["up"] is True
+    metrics = (await api.fetch("/metrics")).body.decode()
+    assert f'bridge_backend_consecutive_failures{{backend="{sim.address}"}} 2.0' in metrics
+    for _ in range(FAILURES_BEFORE_DOWN - 2):
+        with pytest.raises(Exception):
+            await comfy_api.prompts_on_backend(backend)
+    assert not backend.up
+    assert "calls failed in a row" in backend.stats.last_error
+    sim.fail_every = {}
+    await wait_for(lambda: backend.up, timeout=10, what="the backend back after answers again")
+    api.close()
+
+
+async def test_a_refused_connection_makes_a_backend_down_at_once(sim, bridge):
+    backend = bridge.service.backends[0]
+    await sim.crash()
+    with pytest.raises(Exception):
+        await comfy_api.history_entry(backend, "anything")
+    assert not backend.up
+    await sim.restart()
+    await wait_for(lambda: backend.up, timeout=15, what="backend back after restart")
+
+
+async def test_an_answer_between_failures_starts_the_count_again():
+    downs = []
+    backend = Backend("127.0.0.1:9", index=0, request_timeout=1, on_up=lambda b: None,
+                      on_down=lambda b: downs.append(b))
+    backend.up = True
+    for _ in range(FAILURES_BEFORE_DOWN - 1):
+        backend._call_failed("GET /history/x: HTTP 500", fatal=False)
+    backend._answered()
+    for _ in range(FAILURES_BEFORE_DOWN - 1):
+        backend._call_failed("GET /view: HTTP 503", fatal=False)
+    assert backend.up and downs == []
+    backend._call_failed("GET /view: HTTP 503", fatal=False)
+    assert not backend.up and downs == [backend]
+    backend.http.close()
+
+
+async def test_a_server_that_refuses_client_prompt_ids_is_let_to_choose():
+    """If a server still refuses the bridge's (canonical) prompt id, it mints its own, and the
+    bridge asks that way from then on."""
+    sent = []
+
+    class FakeHttp:
+        async def call(self, method, path, body=None, **kw):
+            sent.append(body)
+            if "prompt_id" in body:
+                raise BackendRejected(400, {"error": {"type": "invalid_prompt_id", "message": "no"},
+                                            "node_errors": {}})
+            return {"prompt_id": "server-made", "number": 1, "node_errors": {}}
+
+    class FakeBackend:
+        address, ws_client_id, accepts_prompt_ids, http = "x:1", "bridge-1", True, FakeHttp()
+
+    backend = FakeBackend()
+    answer = await comfy_api.submit_prompt(backend, {"1": {}}, "6f1c3c2e-9d6a-4bd8-8a3e-0f3f7d3b5a11")
+    assert answer["prompt_id"] == "server-made" and not backend.accepts_prompt_ids
+    await comfy_api.submit_prompt(backend, {"1": {}}, "0b7e7d1e-1111-4a4a-9b9b-222222222222")
+    assert ["prompt_id" in body for body in sent] == [True, False, False]
+
+
+async def test_cancel_route_is_tried_once_per_backend_that_lacks_it(sim_factory, bridge_factory):
+    old = await sim_factory(name="old", profile="0.3.64")
+    bridge = await bridge_factory([old])
+    api = bridge.api()
+    old.tick_seconds = 0.05
+    for _ in range(2):
+        client_id = new_client_id()
+        saved = await api.upload(png_bytes())
+        await api.generate(client_id, {"workflow": "slow-progress", "1/image": saved, "2/steps": 200})
+        await wait_for(lambda: bridge.service.get(client_id).percent > 0, what="job running")
+        prompt_id = bridge.service.get(client_id).prompt_id
+        await api.json(f"/interrupt?clientId={client_id}", "POST")
+        await wait_for(lambda: prompt_id in old.interrupt_calls, what="targeted interrupt")
+    tries = [p for m, p, _ in old.requests_log if m == "POST" and p.endswith("/cancel")]
+    assert len(tries) == 1 and None not in old.interrupt_calls
+    api.close()
+
+
+async def test_current_servers_are_cancelled_through_their_atomic_route(sim, bridge):
+    assert sim.profile == "current"
+    api = bridge.api()
+    sim.tick_seconds = 0.05
+    client_id = new_client_id()
+    saved = await api.upload(png_bytes())
+    await api.generate(client_id, {"workflow": "slow-progress", "1/image": saved, "2/steps": 200})
+    await wait_for(lambda: bridge.service.get(client_id).percent > 0, what="job running")
+    prompt_id = bridge.service.get(client_id).prompt_id
+    await api.json(f"/interrupt?clientId={client_id}", "POST")
+    await wait_for(lambda: (prompt_id, "interrupted") in sim.cancel_calls, what="atomic cancel")
+    assert sim.interrupt_calls == []   # no read-then-interrupt window
+    assert not any(m == "GET" and p.endswith("/queue") for m, p, _ in sim.requests_log)
+    api.close()

@@ -1,0 +1,101 @@
+"""The scheduler alone: plain objects, no IOLoop, no backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from balancer.scheduler import Scheduler, can_run
+
+
+@dataclass
+class FakeBackend:
+    address: str
+    up: bool = True
+    load: int = 0
+    node_classes: frozenset = frozenset()
+    durations: dict = field(default_factory=dict)
+
+    def mean_duration(self, alias):
+        return self.durations.get(alias)
+
+
+@dataclass
+class FakeJob:
+    alias: str = "invert"
+    class_types: frozenset = frozenset({"LoadImage", "SaveImage"})
+    allowed_backends: tuple | None = None
+    refused_by: dict = field(default_factory=dict)
+
+
+def backends(n, **kw):
+    return [FakeBackend(f"b{i}:1", **kw) for i in range(n)]
+
+
+def test_fewest_running_jobs_first():
+    fleet = backends(3)
+    fleet[0].load, fleet[1].load, fleet[2].load = 1, 0, 1
+    assert Scheduler(2).pick(FakeJob(), fleet) is fleet[1]
+
+
+def test_full_down_or_lacking_backends_are_never_chosen():
+    fleet = backends(3)
+    fleet[0].load = 1                                   # full at one slot
+    fleet[1].up = False
+    fleet[2].node_classes = frozenset({"LoadImage"})    # no SaveImage
+    assert Scheduler(1).pick(FakeJob(), fleet) is None
+
+
+def test_unknown_node_classes_do_not_exclude_a_backend():
+    fleet = backends(1)
+    assert Scheduler(1).pick(FakeJob(class_types=frozenset({"Anything"})), fleet) is fleet[0]
+
+
+def test_allowed_backends_restrict_the_choice():
+    fleet = backends(3)
+    job = FakeJob(allowed_backends=("b2:1",))
+    assert Scheduler(1).pick(job, fleet) is fleet[2]
+    assert not can_run(job, fleet[0])
+
+
+def test_ties_go_to_the_shorter_recent_duration_of_that_workflow():
+    fleet = backends(2)
+    fleet[0].durations = {"invert": 3.0, "other": 0.1}
+    fleet[1].durations = {"invert": 1.0, "other": 9.0}
+    assert Scheduler(1).pick(FakeJob(), fleet) is fleet[1]
+    assert Scheduler(1).pick(FakeJob(alias="other"), fleet) is fleet[0]
+
+
+def test_equal_backends_take_turns():
+    fleet = backends(3)
+    scheduler = Scheduler(1)
+    chosen = [scheduler.pick(FakeJob(), fleet).address for _ in range(6)]
+    assert chosen == ["b0:1", "b1:1", "b2:1", "b0:1", "b1:1", "b2:1"]
+
+
+def test_plan_fills_every_free_slot_and_counts_its_own_placements():
+    fleet = backends(2)
+    queue = [FakeJob() for _ in range(5)]
+    plan = Scheduler(2).plan(queue, fleet)
+    assert [job for job, _ in plan] == queue[:4]
+    assert sorted(b.address for _, b in plan) == ["b0:1", "b0:1", "b1:1", "b1:1"]
+
+
+def test_plan_skips_a_job_no_free_backend_can_run_and_places_the_next():
+    fleet = backends(2)
+    fleet[1].node_classes = frozenset({"LoadImage", "SaveImage"})
+    fleet[0].node_classes = frozenset({"LoadImage", "SaveImage", "Special"})
+    fleet[0].load = 1
+    special, plain = FakeJob(class_types=frozenset({"Special"})), FakeJob()
+    assert Scheduler(1).plan([special, plain], fleet) == [(plain, fleet[1])]
+
+
+def test_plan_is_empty_without_a_free_slot():
+    fleet = backends(2, load=1)
+    assert Scheduler(1).free_slots(fleet) == 0
+    assert Scheduler(1).plan([FakeJob()] * 3, fleet) == []
+
+
+def test_a_backend_that_refused_the_job_is_not_chosen_for_it_again():
+    fleet = backends(2)
+    job = FakeJob(refused_by={"b0:1": "HTTP 500"})
+    assert Scheduler(1).pick(job, fleet) is fleet[1]
+    assert Scheduler(1).pick(job, fleet[:1]) is None
