@@ -204,6 +204,22 @@ def test_pyproject_pins_what_requirements_txt_pins():
     assert setuptools in requirement_pins(ROOT / "requirements-dev.txt")
 
 
+def test_pyproject_lists_every_module_package_and_data_file_of_the_repository():
+    """A module added later (a top-level .py, a sub-package) must be added to pyproject.toml too."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    top_level = {path.stem for path in ROOT.glob("*.py")}
+    assert top_level == set(tool["py-modules"])
+    not_installed = {"tests", "bench", "clients"}  # run from a checkout only
+    tops = [top for top in ROOT.iterdir() if (top / "__init__.py").is_file() and top.name not in not_installed]
+    packages = {str(path.parent.relative_to(ROOT)).replace("/", ".") for top in tops for path in top.rglob("__init__.py")}
+    assert packages == {name for name in tool["packages"] if not name.startswith("comfy_bridge_data.")} | {
+        "comfy_bridge_data"}
+    for package in packages:  # files other than code that a package reads at run time
+        data = {path.name for path in (ROOT / package.replace(".", "/")).iterdir()
+                if path.is_file() and path.suffix not in (".py", ".pyc")}
+        assert data <= set(tool.get("package-data", {}).get(package, [])), (package, data)
+
+
 def test_one_version_everywhere():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["dynamic"] == ["version"]
