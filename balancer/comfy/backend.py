@@ -238,6 +238,7 @@ class Backend:
         await self.http.call("GET", "/system_stats", timeout=CONNECT_TIMEOUT)
         info = await self.http.call("GET", "/object_info", timeout=max(self.request_timeout, CONNECT_TIMEOUT))
         if isinstance(info, dict):
+            self.object_info = info  # kept for the inputs' limits (balancer/intake.py)
             self.node_classes = frozenset(info)
             self.output_classes = frozenset(
                 name for name, spec in info.items() if isinstance(spec, dict) and spec.get("output_node"))
