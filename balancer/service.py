@@ -216,6 +216,10 @@ class JobService:
         if await api.free_memory(backend):
             self.counters["free_sent"] += 1
 
+    def describe(self, workflow) -> dict:
+        """GET /workflow-info: the workflow's inputs with the limits the backends report."""
+        return self.intake.describe(workflow, self.backends)
+
     def snapshot(self, now: float) -> dict:
         return service_snapshot(self, now)
 

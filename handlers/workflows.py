@@ -21,7 +21,7 @@ class WorkflowInfoHandler(JsonHandler):
         except CatalogError as exc:
             raise ApiError(400, str(exc)) from None
         # The specification's keys, and beside them what a form needs (limits, description).
-        self.write_json(self.service.intake.describe(workflow, self.service.backends))
+        self.write_json(self.service.describe(workflow))
 
 
 routes = [
