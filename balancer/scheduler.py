@@ -3,7 +3,8 @@
 A backend here is anything with `address`, `up`, `load` (slots its jobs hold),
 `node_classes` (empty while unknown) and `mean_duration(alias)`; a job anything with
 `alias`, `class_types`, `allowed_backends` (None = any) and `refused_by` (addresses of
-backends that refused its prompt). Nothing here waits, calls or
+backends that refused its prompt). Why a job waits also reads a backend's `state_since`
+(when it last went up or down) and `stats.last_error`. Nothing here waits, calls or
 changes a backend: the service dispatches what `plan` returns.
 
 Rule: among healthy backends with a free slot that may and can run the job, the one with
@@ -22,6 +23,27 @@ def can_run(job, backend) -> bool:
     if backend.address in job.refused_by:
         return False
     return not backend.node_classes or job.class_types <= backend.node_classes
+
+
+def why_down(backends) -> str:
+    """Each backend's address and why it cannot be reached, for a person."""
+    return "; ".join(f"{b.address}: {b.stats.last_error or 'not connected yet'}" for b in backends)
+
+
+def waiting_reason(job, backends) -> str | None:
+    """Why a queued job cannot start while no backend that can run it is up, else None."""
+    able = [b for b in backends if can_run(job, b)]
+    if any(b.up for b in able):
+        return None
+    return f"waiting for a backend: none is up ({why_down(able)})"
+
+
+def given_up(job, backends, now: float, limit: float) -> bool:
+    """QUEUE_TIMEOUT: queued longer than `limit`, and no backend that can run it has been up
+    during that time (a long queue in front of working backends is not a reason)."""
+    if now - job.created <= limit:
+        return False
+    return not any(b.up or now - b.state_since < limit for b in backends if can_run(job, b))
 
 
 class Scheduler:

@@ -24,16 +24,11 @@ from .queue import JobQueue
 from .jobs import CONNECTED_DETAIL, INTERRUPTED, Job, JobState, StopReason, status_message
 from .restore import plan_restore
 from .run import Ending, Outcome, PromptRun
-from .scheduler import Scheduler, can_run
+from .scheduler import Scheduler, can_run, given_up, waiting_reason
 from .snapshot import service_snapshot
 
 log = logging.getLogger("bridge.jobs")
 RESUME_WAIT = 10.0   # seconds a restored job waits for its backend to come back
-
-
-def why_down(backends) -> str:
-    """Each backend's address and why it cannot be reached, for a person."""
-    return "; ".join(f"{b.address}: {b.stats.last_error or 'not connected yet'}" for b in backends)
 
 
 class JobService:
@@ -127,23 +122,16 @@ class JobService:
         return job.status(self.queue.position(job), self.waiting_for(job))
 
     def waiting_for(self, job: Job) -> str | None:
-        """Why a queued job cannot start while no backend that can run it is up, else None."""
-        able = [b for b in self.backends if can_run(job, b)]
-        if any(b.up for b in able):
-            return None
-        return f"waiting for a backend: none is up ({why_down(able)})"
+        return waiting_reason(job, self.backends)
 
     def expire_waiting(self, now: float) -> None:
-        """QUEUE_TIMEOUT: a queued job fails once no backend that can run it has been up for
-        that long (a long queue in front of working backends is not a reason)."""
+        """QUEUE_TIMEOUT: fail queued jobs that no backend could take for that long."""
         limit = self.settings.queue_timeout
         if not limit or all(b.up for b in self.backends):
             return
-        for job in [j for j in self.queue if now - j.created > limit]:
-            able = [b for b in self.backends if can_run(job, b)]
-            if not any(b.up or now - b.state_since < limit for b in able):
-                self.queue.remove(job)
-                self._fail(job, f"{self.waiting_for(job)}; gave up after {limit:g}s")
+        for job in [j for j in self.queue if given_up(j, self.backends, now, limit)]:
+            self.queue.remove(job)
+            self._fail(job, f"{self.waiting_for(job)}; gave up after {limit:g}s")
 
     def status_of(self, client_id: str) -> dict:
         """The client's job status; `connected` for a socket that has not generated yet."""

@@ -5,7 +5,7 @@ import time
 
 from tornado import web
 
-from balancer.service import why_down
+from balancer.scheduler import why_down
 from logs import request_summary
 
 from .base import JsonHandler, write_detail

@@ -99,3 +99,19 @@ def test_a_backend_that_refused_the_job_is_not_chosen_for_it_again():
     job = FakeJob(refused_by={"b0:1": "HTTP 500"})
     assert Scheduler(1).pick(job, fleet) is fleet[1]
     assert Scheduler(1).pick(job, fleet[:1]) is None
+
+
+def test_a_job_is_given_up_only_when_no_able_backend_was_up_for_the_whole_limit():
+    from types import SimpleNamespace
+
+    from balancer.scheduler import given_up, waiting_reason
+    down = FakeBackend("b0:1", up=False)
+    down.state_since, down.stats = 100.0, SimpleNamespace(last_error="connection refused")
+    job = FakeJob()
+    job.created = 0.0
+    assert waiting_reason(job, [down]) == "waiting for a backend: none is up (b0:1: connection refused)"
+    assert given_up(job, [down], now=200.0, limit=50.0)          # down since 100, queued since 0
+    assert not given_up(job, [down], now=120.0, limit=50.0)      # it was up 20 s ago
+    job.created = 180.0
+    assert not given_up(job, [down], now=200.0, limit=50.0)      # queued only 20 s
+    assert waiting_reason(job, [FakeBackend("b1:1")]) is None
