@@ -16,12 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from tornado import httpserver, web
+from tornado import web
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 import handlers
 from handlers.base import SERVER_MAX_BODY
+from handlers.connections import BridgeHTTPServer
 from logs import configure_logging, log_request
 from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
@@ -65,7 +66,7 @@ class Bridge:
             websocket_ping_interval=20, websocket_ping_timeout=20,
             websocket_max_message_size=64 * 1024,
         )
-        self.server: httpserver.HTTPServer | None = None
+        self.server: BridgeHTTPServer | None = None
         self.port: int | None = None
         self._sweeper: PeriodicCallback | None = None
 
@@ -79,12 +80,12 @@ class Bridge:
         interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4, self.settings.upload_ttl / 4))
         self._sweeper = PeriodicCallback(self.sweep, interval * 1000)
         self._sweeper.start()
-        # A client that is slow to send its headers or its body is dropped (HEADER_TIMEOUT,
-        # BODY_TIMEOUT). Bodies above SERVER_MAX_BODY are refused unread; /upload raises its own.
-        self.server = httpserver.HTTPServer(
+        # A client that is slow to send its headers or silent in the middle of a body is dropped
+        # (HEADER_TIMEOUT, BODY_TIMEOUT). Bodies above SERVER_MAX_BODY are refused unread;
+        # /upload raises its own. Early answers, header limits: handlers/connections.py.
+        self.server = BridgeHTTPServer(
             self.app, xheaders=False, idle_connection_timeout=self.settings.header_timeout,
-            body_timeout=self.settings.body_timeout, max_body_size=SERVER_MAX_BODY,
-            max_header_size=64 * 1024)
+            body_silence=self.settings.body_timeout, max_body_size=SERVER_MAX_BODY)
         port = self.settings.port if port is None else port
         sockets = bind_sockets(port, host if host is not None else self.settings.host)
         self.server.add_sockets(sockets)

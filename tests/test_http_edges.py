@@ -1,0 +1,183 @@
+"""The bridge's HTTP edges (issue 13): an early answer to a request with a body reaches the
+client and leaves it a usable connection; BODY_TIMEOUT limits silence, not the whole body;
+absurd header blocks get a 431; a port in use or a data folder another bridge holds stops
+start-up with one line.
+
+Every client here has a timeout; blocking clients (http.client) run in a thread."""
+import asyncio
+import http.client
+import io
+import os
+import socket
+import time
+
+import aiohttp
+import pytest
+import ujson
+
+from tests.conftest import TIMEOUT, multipart, new_client_id, png_bytes, wait_for
+
+KEY = "edge-k3y"
+MB = 1024 * 1024
+BIG = 20 * MB
+LIMIT_MB = 25
+
+
+def json_detail(status: int, headers, body: bytes) -> str:
+    assert headers.get("Content-Type", "").startswith("application/json"), (status, headers, body[:200])
+    data = ujson.loads(body)
+    assert set(data) == {"detail"} and data["detail"], data
+    return data["detail"]
+
+
+class PoolingClient:
+    """aiohttp with a connection pool, counting the connections it opens."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.opened = 0
+        trace = aiohttp.TraceConfig()
+
+        async def on_create(session, context, params):
+            self.opened += 1
+        trace.on_connection_create_end.append(on_create)
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+                                             trace_configs=[trace])
+
+    async def request(self, method: str, path: str, data=None, **kwargs):
+        if isinstance(data, bytes) and len(data) > 1024 * 1024:
+            data = io.BytesIO(data)  # aiohttp warns that raw bytes this large would block its loop
+        async with self.session.request(method, self.base + path, data=data, **kwargs) as response:
+            return response.status, response.headers, await response.read()
+
+    async def close(self):
+        await self.session.close()
+
+
+@pytest.fixture
+async def keyed(sim, bridge_factory):
+    """A bridge with an API key and a 25 MB upload limit."""
+    return await bridge_factory([sim], bridge_api_key=KEY, upload_max_size=LIMIT_MB)
+
+
+@pytest.fixture
+async def pooling(keyed):
+    client = PoolingClient(keyed.url)
+    yield client
+    await client.close()
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def small_upload() -> tuple[bytes, str]:
+    body, ctype = multipart([("file", "in.png", png_bytes(4, 3), "image/png")])
+    return body, ctype
+
+
+def text_upload(size: int) -> tuple[bytes, str]:
+    return multipart([("file", "notes.txt", b"plain text, not an image\n" * (size // 25), "text/plain")])
+
+
+def over_the_limit() -> tuple[bytes, str]:
+    """Declared over UPLOAD_MAX_SIZE (and the 1 MB the limit allows for the framing)."""
+    return multipart([("file", "big.png", png_bytes() + b"\x00" * (LIMIT_MB + 15) * MB, "image/png")])
+
+
+def past_the_limit() -> tuple[bytes, str]:
+    """Declared within the limit's allowance, but half a MB of content over UPLOAD_MAX_SIZE."""
+    return multipart([("file", "big.png", png_bytes() + b"\x00" * (LIMIT_MB * MB + MB // 2), "image/png")])
+
+
+# (name, request headers, body, content type, status, whether the connection is kept)
+EARLY_ANSWERS = [
+    ("401-small-upload", {}, small_upload, 401, True),
+    ("401-huge-upload", {}, lambda: text_upload(BIG), 401, False),
+    ("400-part-type-small", AUTH, lambda: text_upload(8000), 400, True),
+    ("400-part-type-huge", AUTH, lambda: text_upload(BIG), 400, False),
+    ("400-not-multipart-small", AUTH, lambda: (b"x" * 500, "text/plain"), 400, True),
+    ("400-not-multipart-huge", AUTH, lambda: (b"x" * BIG, "text/plain"), 400, False),
+    ("413-declared", AUTH, lambda: text_upload(BIG), None, False),
+    # refused by the receiver at the limit, half a MB before the end: aiohttp stops sending
+    # when the answer comes first and drops the connection itself (kept: either)
+    ("413-past-the-limit", AUTH, lambda: past_the_limit(), 413, None),
+]
+
+
+@pytest.mark.parametrize("name,headers,make,status,kept", EARLY_ANSWERS, ids=[e[0] for e in EARLY_ANSWERS])
+async def test_an_early_answer_reaches_a_pooling_client(pooling, name, headers, make, status, kept):
+    """aiohttp reads the 4xx and its JSON body, and its next request on the same session works:
+    on the same connection when the rest of the body was small enough to read and drop, on a
+    new one (announced by `Connection: close`) when it was not."""
+    body, ctype = make()
+    if status is None:  # 413-declared: refused from Content-Length, and not a part type
+        status = 413
+        body, ctype = over_the_limit()
+    code, answer_headers, answer = await pooling.request("POST", "/upload", data=body,
+                                                         headers={**headers, "Content-Type": ctype})
+    assert code == status, (code, answer[:300])
+    json_detail(code, answer_headers, answer)
+    opened = pooling.opened
+    code, _, answer = await pooling.request("GET", "/workflow-list", headers=AUTH)
+    assert code == 200, answer
+    if kept is None:
+        assert "close" not in answer_headers.get("Connection", "").lower()
+    elif kept:
+        assert "close" not in answer_headers.get("Connection", "").lower()
+        assert pooling.opened == opened, "the connection was not kept after a small rest was drained"
+    else:
+        assert answer_headers.get("Connection", "").lower() == "close"
+        assert pooling.opened == opened + 1
+
+
+async def test_an_early_answer_without_a_body_keeps_the_connection(pooling):
+    """A 401 written before tornado has finished with the request (the JSON handlers take their
+    body themselves) does not close the connection under the client."""
+    for method, path, body in (("GET", "/status", None), ("POST", f"/interrupt?clientId={new_client_id()}", b""),
+                               ("POST", f"/generate-based-workflow?clientId={new_client_id()}",
+                                b'{"workflow": "invert"}')):
+        code, headers, answer = await pooling.request(method, path, data=body)
+        assert code == 401, (path, code)
+        json_detail(code, headers, answer)
+        assert "close" not in headers.get("Connection", "").lower(), path
+    code, _, _ = await pooling.request("GET", "/workflow-list", headers=AUTH)
+    assert code == 200
+    assert pooling.opened == 1
+
+
+def send_all_then_read(port: int, body: bytes, headers: dict) -> tuple[int, dict, bytes, bool]:
+    """What `requests`/`urllib` do: the whole body is sent before the answer is read. Then a
+    second request on the same client: True when it went over the same connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request("POST", "/upload", body=body, headers=headers)
+        response = conn.getresponse()
+        answer = (response.status, dict(response.getheaders()), response.read())
+        first = conn.sock
+        conn.request("GET", "/workflow-list", headers=AUTH)
+        assert conn.getresponse().status == 200
+        return (*answer, conn.sock is first)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("case", ["401", "413", "400", "413-past-the-limit"])
+async def test_a_client_that_sends_the_whole_body_first_reads_the_answer(keyed, case):
+    """20 MB or more sent in full before reading: the refusal (decided at the first bytes) is
+    read, with its JSON body, instead of a connection reset, and the client's next request
+    works. Refused half a MB before the end, the rest is read and the connection kept."""
+    if case == "400":
+        body, ctype = text_upload(BIG)
+    elif case == "413":
+        body, ctype = over_the_limit()
+    elif case == "413-past-the-limit":
+        body, ctype = past_the_limit()
+    else:
+        body, ctype = multipart([("file", "big.png", png_bytes() + b"\x00" * BIG, "image/png")])
+    headers = {"Content-Type": ctype, **({} if case == "401" else AUTH)}
+    code, answer_headers, answer, kept = await asyncio.to_thread(send_all_then_read, keyed.port, body, headers)
+    assert code == int(case[:3]), (code, answer[:300])
+    detail = json_detail(code, answer_headers, answer)
+    assert {"401": "API key", "413": "UPLOAD_MAX_SIZE", "400": "unsupported file type",
+            "413-past-the-limit": "over the limit"}[case] in detail
+    assert kept == (case == "413-past-the-limit"), (case, answer_headers)
