@@ -181,3 +181,69 @@ async def test_a_client_that_sends_the_whole_body_first_reads_the_answer(keyed, 
     assert {"401": "API key", "413": "UPLOAD_MAX_SIZE", "400": "unsupported file type",
             "413-past-the-limit": "over the limit"}[case] in detail
     assert kept == (case == "413-past-the-limit"), (case, answer_headers)
+
+
+# ---------------------------------------------------------------- BODY_TIMEOUT: silence, not total
+
+SILENCE = 1.0  # BODY_TIMEOUT for these tests
+
+
+@pytest.fixture
+async def strict(sim, bridge_factory):
+    return await bridge_factory([sim], body_timeout=SILENCE)
+
+
+async def closed_after(reader, limit: float) -> float:
+    """Seconds until the bridge closes the connection, reading (and ignoring) what it sends."""
+    started = time.monotonic()
+    while await asyncio.wait_for(reader.read(65536), limit):
+        pass
+    return time.monotonic() - started
+
+
+async def send_steadily(port: int, path: str, head: str, body: bytes, seconds: float) -> bytes:
+    """`body` in even pieces over `seconds` (a pause of about a tenth of a second between two),
+    then the whole answer, read to the close it asks for."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((f"POST {path} HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n"
+                  "Connection: close\r\n\r\n").encode())
+    pieces = max(1, int(seconds / 0.1))
+    size = -(-len(body) // pieces)
+    for start in range(0, len(body), size):
+        writer.write(body[start:start + size])
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the pace of a slow link, not a wait for something
+    answer = await asyncio.wait_for(reader.read(-1), TIMEOUT)
+    writer.close()
+    return answer
+
+
+async def test_a_stalled_body_is_dropped_within_body_timeout(strict):
+    for path, head, sent in (("/upload", "Content-Type: multipart/form-data; boundary=b0\r\n", b"--b0\r\n"),
+                             (f"/generate-based-workflow?clientId={new_client_id()}",
+                              "Content-Type: application/json\r\n", b'{"workflow": "inv')):
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        writer.write((f"POST {path} HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 100000\r\n\r\n").encode()
+                     + sent + b" " * 40)
+        await writer.drain()
+        assert await closed_after(reader, SILENCE + 3) < SILENCE + 1.5, path
+        writer.close()
+
+
+async def test_a_slow_steady_body_may_take_longer_than_body_timeout(strict):
+    """~600 KB at ~200 KB/s (3 s, three times BODY_TIMEOUT) is received whole: an upload, and a
+    JSON body (a request the catalogue then refuses: its answer, not a dropped connection)."""
+    image = png_bytes(64, 48)
+    body, ctype = multipart([("file", "slow.png", image + os.urandom(600_000), "image/png")])
+    started = time.monotonic()
+    answer = await send_steadily(strict.port, "/upload", f"Content-Type: {ctype}\r\n", body, 3)
+    assert time.monotonic() - started > 2 * SILENCE
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+    saved = ujson.loads(payload)["file"]
+    assert (strict.bridge.settings.uploads_dir / saved).stat().st_size == len(image) + 600_000
+    padded = b'{"workflow": "no-such-workflow"' + b" " * 20_000 + b"}"
+    answer = await send_steadily(strict.port, f"/generate-based-workflow?clientId={new_client_id()}",
+                                 "Content-Type: application/json\r\n", padded, 2.5)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"no-such-workflow" in answer
