@@ -247,3 +247,65 @@ async def test_a_slow_steady_body_may_take_longer_than_body_timeout(strict):
                                  "Content-Type: application/json\r\n", padded, 2.5)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
     assert b"no-such-workflow" in answer
+
+
+# ---------------------------------------------------------------- header limits: 431
+
+async def raw_exchange(port: int, request: bytes) -> tuple[int, dict, bytes]:
+    """One request on its own connection, the answer read to the close it announces."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(-1), TIMEOUT)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def request_with(headers: list[str], body: bytes = b"") -> bytes:
+    lines = ["GET /healthz HTTP/1.1" if not body else "POST /upload HTTP/1.1", "Host: x", *headers]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("body", [b"", b"x" * (3 * MB)], ids=["no-body", "with-a-body"])
+async def test_too_many_header_lines_get_431(bridge, body):
+    from handlers.connections import MAX_HEADER_COUNT
+    code, headers, answer = await raw_exchange(bridge.port, request_with(
+        [f"X-Many-{i}: {i}" for i in range(MAX_HEADER_COUNT + 1)], body))
+    assert code == 431 and headers["Connection"] == "close"
+    assert "header lines" in json_detail(code, headers, answer)
+    code, _, _ = await raw_exchange(bridge.port, request_with(
+        [f"X-Many-{i}: {i}" for i in range(MAX_HEADER_COUNT - 2)] + ["Connection: close"]))
+    assert code == 200  # 100 lines with Host and Connection: at the limit
+
+
+@pytest.mark.parametrize("body", [b"", b"x" * (3 * MB)], ids=["no-body", "with-a-body"])
+async def test_a_header_block_over_the_limit_gets_431(bridge, body):
+    """tornado drops such a connection without a word; the bridge answers first."""
+    from handlers.connections import MAX_HEADER_BYTES
+    code, headers, answer = await raw_exchange(bridge.port, request_with(
+        [f"X-Big: {'a' * MAX_HEADER_BYTES}"], body))
+    assert code == 431 and headers["Connection"] == "close"
+    assert f"over {MAX_HEADER_BYTES} bytes" in json_detail(code, headers, answer)
+    code, _, _ = await raw_exchange(bridge.port, request_with(
+        [f"X-Big: {'a' * (MAX_HEADER_BYTES - 200)}", "Connection: close"]))
+    assert code == 200
+
+
+async def test_a_pooling_client_gets_its_431_and_goes_on(bridge):
+    from handlers.connections import MAX_HEADER_BYTES, MAX_HEADER_COUNT
+    client = PoolingClient(bridge.url)
+    try:
+        for headers in ({f"X-Many-{i}": "1" for i in range(MAX_HEADER_COUNT)},
+                        {"X-Big": "b" * MAX_HEADER_BYTES}):
+            code, answer_headers, answer = await client.request("GET", "/healthz", headers=headers)
+            assert code == 431, code
+            json_detail(code, answer_headers, answer)
+            code, _, _ = await client.request("GET", "/healthz")
+            assert code == 200
+    finally:
+        await client.close()
