@@ -30,6 +30,7 @@ from balancer.service import JobService
 from settings import Settings, SettingsError, add_arguments, load_settings, overrides_from_args
 from storage.catalog import WorkflowCatalog
 from storage.jobstore import JobStore
+from storage.lock import DataDirInUse, DataDirLock
 from storage.results import ResultStore
 from storage.state import StateFile
 from storage.sweep import sweep_disk
@@ -43,8 +44,10 @@ SWEEP_INTERVAL = 60.0
 class Bridge:
     """Every long-lived object, built once; `start()` listens, `stop()` shuts down cleanly."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, lock: DataDirLock | None = None):
         self.settings = settings
+        # First of all: one bridge per data folder (DataDirInUse otherwise).
+        self.lock = lock or DataDirLock(settings.data_dir).acquire()
         self.state = StateFile(settings.current_state)
         self.catalog = WorkflowCatalog(settings.workflow_dir, settings.workflow_alias)
         self.uploads = UploadStore(settings.uploads_dir, settings.upload_max_bytes)
@@ -70,7 +73,11 @@ class Bridge:
         self.port: int | None = None
         self._sweeper: PeriodicCallback | None = None
 
-    async def start(self, port: int | None = None, host: str | None = None) -> int:
+    async def start(self, port: int | None = None, host: str | None = None, sockets: list | None = None) -> int:
+        """Listens on `sockets` (bound by the caller) or binds `port` on `host` first of all."""
+        if sockets is None:
+            port = self.settings.port if port is None else port
+            sockets = bind_sockets(port, host if host is not None else self.settings.host)
         self.service.start()
         self.service.restore(self._stored_jobs)
         self._stored_jobs = []
@@ -86,8 +93,6 @@ class Bridge:
         self.server = BridgeHTTPServer(
             self.app, xheaders=False, idle_connection_timeout=self.settings.header_timeout,
             body_silence=self.settings.body_timeout, max_body_size=SERVER_MAX_BODY)
-        port = self.settings.port if port is None else port
-        sockets = bind_sockets(port, host if host is not None else self.settings.host)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         for alias, reason in self.catalog.load_errors().items():
@@ -117,6 +122,7 @@ class Bridge:
         await self.state.flush()
         if self.server is not None:
             await self.server.close_all_connections()
+        self.lock.release()
 
 
 async def start_demo_backends(count: int = 2, tick_seconds: float = 0.1) -> list:
@@ -140,14 +146,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(settings: Settings, demo: bool) -> None:
+async def serve(settings: Settings, demo: bool, lock: DataDirLock, sockets: list) -> None:
     sims = []
     if demo:
         sims = await start_demo_backends()
         settings = settings.replace(comfyui_servers=tuple(sim.address for sim in sims))
         log.info("demo: simulated ComfyUI backends at %s", ", ".join(settings.comfyui_servers))
-    bridge = Bridge(settings)
-    port = await bridge.start()
+    bridge = Bridge(settings, lock)
+    port = await bridge.start(sockets=sockets)
     if demo:
         print(f"Demo bridge ready: open http://127.0.0.1:{port}/ (Ctrl+C stops it)", flush=True)
     stop = asyncio.Event()
@@ -175,7 +181,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bridge: bad setting: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.logging_level, settings.bridge_api_key)
-    asyncio.run(serve(settings, args.demo))
+    # Before anything starts: the data folder is ours, and so is the port.
+    try:
+        lock = DataDirLock(settings.data_dir).acquire()
+    except DataDirInUse as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sockets = bind_sockets(settings.port, settings.host)
+    except OSError as exc:
+        lock.release()
+        print(f"bridge: cannot listen on HOST={settings.host} PORT={settings.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings, args.demo, lock, sockets))
     return 0
 
 

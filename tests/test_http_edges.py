@@ -9,13 +9,15 @@ import http.client
 import io
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import aiohttp
 import pytest
 import ujson
 
-from tests.conftest import TIMEOUT, multipart, new_client_id, png_bytes, wait_for
+from tests.conftest import ROOT, TIMEOUT, multipart, new_client_id, png_bytes, wait_for
 
 KEY = "edge-k3y"
 MB = 1024 * 1024
@@ -235,18 +237,19 @@ async def test_a_slow_steady_body_may_take_longer_than_body_timeout(strict):
     JSON body (a request the catalogue then refuses: its answer, not a dropped connection)."""
     image = png_bytes(64, 48)
     body, ctype = multipart([("file", "slow.png", image + os.urandom(600_000), "image/png")])
+    padded = b'{"workflow": "no-such-workflow"' + b" " * 20_000 + b"}"
     started = time.monotonic()
-    answer = await send_steadily(strict.port, "/upload", f"Content-Type: {ctype}\r\n", body, 3)
+    uploaded, refused = await asyncio.gather(
+        send_steadily(strict.port, "/upload", f"Content-Type: {ctype}\r\n", body, 3),
+        send_steadily(strict.port, f"/generate-based-workflow?clientId={new_client_id()}",
+                      "Content-Type: application/json\r\n", padded, 2.5))
     assert time.monotonic() - started > 2 * SILENCE
-    head, _, payload = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+    head, _, payload = uploaded.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), uploaded[:300]
     saved = ujson.loads(payload)["file"]
     assert (strict.bridge.settings.uploads_dir / saved).stat().st_size == len(image) + 600_000
-    padded = b'{"workflow": "no-such-workflow"' + b" " * 20_000 + b"}"
-    answer = await send_steadily(strict.port, f"/generate-based-workflow?clientId={new_client_id()}",
-                                 "Content-Type: application/json\r\n", padded, 2.5)
-    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
-    assert b"no-such-workflow" in answer
+    assert refused.startswith(b"HTTP/1.1 400"), refused[:300]
+    assert b"no-such-workflow" in refused
 
 
 # ---------------------------------------------------------------- header limits: 431
@@ -309,3 +312,71 @@ async def test_a_pooling_client_gets_its_431_and_goes_on(bridge):
             assert code == 200
     finally:
         await client.close()
+
+
+# ---------------------------------------------------------------- start-up: the port, the data folder
+
+def bridge_args(tmp_path, data_dir, port: int, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "bridge.py"), "--env-file", str(tmp_path / "none"), "--host", "127.0.0.1",
+            "--port", str(port), "--data-dir", str(data_dir), "--comfyui-servers", "127.0.0.1:1", *extra]
+
+
+async def run_to_exit(args: list[str]) -> subprocess.CompletedProcess:
+    return await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+
+async def test_a_port_in_use_stops_startup_with_one_line_before_anything_starts(tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = await run_to_exit(bridge_args(tmp_path, tmp_path / "data", port, "--demo"))
+    finally:
+        holder.close()
+    assert result.returncode == 2, result
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1, lines  # no traceback, no simulated backend started, no log line
+    assert "HOST=127.0.0.1" in lines[0] and f"PORT={port}" in lines[0] and "in use" in lines[0], lines
+    assert not (tmp_path / "data" / "jobs.sqlite3").exists()  # the job database was not opened
+
+
+async def test_one_bridge_per_data_folder(tmp_path):
+    """A second bridge on a DATA_DIR another one holds stops with a line naming that process;
+    the lock goes with the process (kill -9) or with a clean stop."""
+    from storage.lock import DataDirLock
+    from tests.test_durability import Process
+    data_dir = tmp_path / "data"
+    first = Process(bridge_args(tmp_path, data_dir, 0), tmp_path / "first.log")
+    try:
+        await first.wait_line(r"bridge listening on")
+        second = await run_to_exit(bridge_args(tmp_path, data_dir, 0))
+        assert second.returncode == 2, second
+        lines = (second.stdout + second.stderr).strip().splitlines()
+        assert len(lines) == 1 and "DATA_DIR" in lines[0] and f"pid {first.proc.pid}" in lines[0], lines
+        assert (await run_to_exit(bridge_args(tmp_path, tmp_path / "elsewhere", 0, "--help"))).returncode == 0
+    finally:
+        first.kill()  # SIGKILL: the OS drops the lock
+    third = Process(bridge_args(tmp_path, data_dir, 0), tmp_path / "third.log")
+    try:
+        await third.wait_line(r"bridge listening on")
+    finally:
+        third.stop()  # SIGTERM: a clean stop releases it
+    assert third.proc.returncode == 0
+    DataDirLock(data_dir).acquire().release()
+
+
+async def test_one_bridge_per_data_folder_in_one_process(sim, bridge_factory):
+    """The fixture's bridges each have their own DATA_DIR; one on a folder a running bridge
+    holds is refused (naming this process), and the folder is free again once it stopped."""
+    from bridge import Bridge
+    from storage.lock import DataDirInUse
+    first = await bridge_factory([sim])
+    second = await bridge_factory([sim])
+    assert first.bridge.settings.data_dir != second.bridge.settings.data_dir
+    with pytest.raises(DataDirInUse) as refused:
+        Bridge(first.bridge.settings)
+    assert f"pid {os.getpid()}" in str(refused.value)
+    await first.stop()
+    again = await bridge_factory([sim], data_dir=first.bridge.settings.data_dir)
+    assert (await again.api().fetch("/healthz")).code == 200
