@@ -148,12 +148,13 @@ class _Exchange(httputil.HTTPMessageDelegate):
 
     def headers_received(self, start_line, headers):
         self.server.headers_arrived(self.conn.stream)
-        length = headers.get("Content-Length", "")
-        self._length = int(length) if length.isdigit() else None
+        length = headers.get("Content-Length")
+        self._length = int(length) if length is not None and length.isdigit() else None
         chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
-        # Without a known length, or with a client waiting for "100 Continue" before it sends
+        # Without a plain length, or with a client waiting for "100 Continue" before it sends
         # the body, an early answer closes: what follows might be the next request.
-        self._must_close = chunked or headers.get("Expect", "").lower() == "100-continue"
+        self._must_close = (chunked or (length is not None and self._length is None)
+                            or headers.get("Expect", "").lower() == "100-continue")
         if chunked or self._length:
             self._watch_silence()
         count = sum(1 for _ in headers.get_all())
