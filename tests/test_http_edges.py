@@ -147,6 +147,26 @@ async def test_an_early_answer_without_a_body_keeps_the_connection(pooling):
     assert pooling.opened == 1
 
 
+@pytest.mark.parametrize("framing", ["chunked", "expect-100-continue"])
+async def test_an_early_answer_to_a_body_of_unknown_extent_closes(keyed, framing):
+    """Chunked (length unknown), or a client waiting for `100 Continue` before it sends: the
+    401 comes alone (no `100 Continue` before it), with `Connection: close`, and the bridge
+    closes once the client has stopped sending."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", keyed.port)
+    head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0\r\n"
+    if framing == "chunked":
+        writer.write((head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"6\r\n--b0\r\n\r\n")
+    else:
+        writer.write((head + "Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n").encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"}"), TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    assert b"\r\nConnection: close\r\n" in answer and b"API key" in answer
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    writer.close()
+
+
 def send_all_then_read(port: int, body: bytes, headers: dict) -> tuple[int, dict, bytes, bool]:
     """What `requests`/`urllib` do: the whole body is sent before the answer is read. Then a
     second request on the same client: True when it went over the same connection."""
