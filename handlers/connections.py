@@ -207,6 +207,8 @@ class _Exchange(httputil.HTTPMessageDelegate):
 
     def answer_ends(self) -> None:
         if self._ending is None or self._body_done:
+            # (Nothing is left unread. After a `Connection: close` whose body then arrived in
+            # full, tornado keeps the connection until the client closes it, as told.)
             return self.conn.finish()
         if self._ending == _DRAIN:
             self._finish_waits = True   # finish() above, once the rest is read
