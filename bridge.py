@@ -4,13 +4,16 @@
     python bridge.py                 # settings from .env and the environment
     python bridge.py --demo          # two simulated ComfyUI backends in this process
     python bridge.py --help          # every option
+    comfy-bridge ...                 # the same, once installed with `pip install .`
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import functools
+import ipaddress
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,13 +24,16 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 import handlers
+from comfy_bridge_data import is_checkout, static_dir, workflows_dir
+from comfy_bridge_version import __version__
 from handlers.base import SERVER_MAX_BODY
 from handlers.connections import BridgeHTTPServer
 from logs import configure_logging, log_request
 from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
 from balancer.service import JobService
-from settings import Settings, SettingsError, add_arguments, load_settings, overrides_from_args
+from settings import (Settings, SettingsError, add_arguments, load_settings, overrides_from_args,
+                      setting_source)
 from storage.catalog import WorkflowCatalog
 from storage.jobstore import JobStore
 from storage.lock import DataDirInUse, DataDirLock
@@ -61,7 +67,7 @@ class Bridge:
                                   self.store)
         self.metrics = BridgeMetrics(self.service, self.hub, self.state)
         self.app = web.Application(
-            handlers.all_routes(str(ROOT / "static")),
+            handlers.all_routes(str(static_dir())),
             default_handler_class=handlers.NotFoundHandler,
             config=settings, service=self.service, catalog=self.catalog, uploads=self.uploads,
             hub=self.hub, state=self.state, metrics=self.metrics,
@@ -72,6 +78,7 @@ class Bridge:
         self.server: BridgeHTTPServer | None = None
         self.port: int | None = None
         self._sweeper: PeriodicCallback | None = None
+        self._queue_watch: PeriodicCallback | None = None
 
     async def start(self, port: int | None = None, host: str | None = None, sockets: list | None = None) -> int:
         """Listens on `sockets` (bound by the caller) or binds `port` on `host` first of all."""
@@ -87,6 +94,10 @@ class Bridge:
         interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4, self.settings.upload_ttl / 4))
         self._sweeper = PeriodicCallback(self.sweep, interval * 1000)
         self._sweeper.start()
+        if self.settings.queue_timeout:
+            self._queue_watch = PeriodicCallback(lambda: self.service.expire_waiting(time.time()),
+                                                 min(1000.0, self.settings.queue_timeout * 250))
+            self._queue_watch.start()
         # A client that is slow to send its headers or silent in the middle of a body is dropped
         # (HEADER_TIMEOUT, BODY_TIMEOUT). Bodies above SERVER_MAX_BODY are refused unread;
         # /upload raises its own. Early answers, header limits: handlers/connections.py.
@@ -112,8 +123,9 @@ class Bridge:
 
     async def stop(self) -> None:
         self.metrics.close()
-        if self._sweeper is not None:
-            self._sweeper.stop()
+        for periodic in (self._sweeper, self._queue_watch):
+            if periodic is not None:
+                periodic.stop()
         self.hub.stop()
         if self.server is not None:
             self.server.stop()
@@ -136,11 +148,13 @@ async def start_demo_backends(count: int = 2, tick_seconds: float = 0.1) -> list
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="bridge.py", description="ComfyUI bridge: a small API in front of ComfyUI servers. "
+    parser = argparse.ArgumentParser(  # prog: "bridge.py", or "comfy-bridge" once installed
+        description="ComfyUI bridge: a small API in front of ComfyUI servers. "
         "Options may also be set in .env or the environment under the names shown.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--demo", action="store_true",
-                        help="run with two simulated ComfyUI backends in this process (no GPU needed)")
+                        help="run with two simulated ComfyUI backends in this process (no GPU needed); "
+                             "listens on 127.0.0.1 unless HOST is given")
     parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
     add_arguments(parser)
     return parser.parse_args(argv)
@@ -155,7 +169,7 @@ async def serve(settings: Settings, demo: bool, lock: DataDirLock, sockets: list
     bridge = Bridge(settings, lock)
     port = await bridge.start(sockets=sockets)
     if demo:
-        print(f"Demo bridge ready: open http://127.0.0.1:{port}/ (Ctrl+C stops it)", flush=True)
+        print(demo_banner(settings, port), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -167,14 +181,40 @@ async def serve(settings: Settings, demo: bool, lock: DataDirLock, sockets: list
         await sim.stop()
 
 
+def demo_banner(settings: Settings, port: int) -> str:
+    """What the demo says on start: where to open it, and who else can reach it."""
+    host = settings.host
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    wildcard = host in ("", "0.0.0.0", "::")
+    shown = "127.0.0.1" if wildcard else (f"[{host}]" if ":" in host else host)
+    lines = [f"Demo bridge ready: open http://{shown}:{port}/ (API reference at /docs; Ctrl+C stops it)"]
+    if loopback:
+        lines.append(f"Listening on {host} only: other machines cannot reach it "
+                     "(set HOST=0.0.0.0 and BRIDGE_API_KEY to share it).")
+    else:
+        lines.append(f"Listening on {host or 'every address'}: other machines on the network can reach it"
+                     + (", and it asks for BRIDGE_API_KEY." if settings.bridge_api_key else
+                        " and use it WITHOUT A KEY (POST /free included); set BRIDGE_API_KEY."))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = overrides_from_args(args)
+    if "BRIDGE_API_KEY" in overrides:
+        print("bridge: warning: --bridge-api-key is visible to other users of this machine (ps, "
+              "/proc/<pid>/cmdline); prefer BRIDGE_API_KEY in the environment or in .env", file=sys.stderr)
     if args.demo:
         overrides.setdefault("COMFYUI_SERVERS", "127.0.0.1:1")  # replaced by the simulators
-        overrides.setdefault("DATA_DIR", str(ROOT / "data" / "demo"))
-        overrides.setdefault("WORKFLOW_DIR", str(ROOT / "workflows"))
-        overrides.setdefault("WORKFLOW_ALIAS", str(ROOT / "workflows" / "aliases.json"))
+        if setting_source("HOST", overrides, os.environ, args.env_file) is None:
+            overrides["HOST"] = "127.0.0.1"  # a demo has no key: this machine only, unless asked
+        # Beside the checkout's other ignored data; installed, under the current folder like DATA_DIR.
+        overrides.setdefault("DATA_DIR", str(ROOT / "data" / "demo" if is_checkout() else Path("data", "demo")))
+        overrides.setdefault("WORKFLOW_DIR", str(workflows_dir()))
+        overrides.setdefault("WORKFLOW_ALIAS", str(workflows_dir() / "aliases.json"))
     try:
         settings = load_settings(overrides, dotenv_path=args.env_file)
     except SettingsError as exc:

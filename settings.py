@@ -43,6 +43,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be 0 or a positive number")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -115,6 +122,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("MAX_RETRIES", "2", _non_negative_int,
            "times a job is requeued after its backend was lost"),
     Option("MAX_QUEUE", "1000", _positive_int, "jobs the bridge's queue holds before 503"),
+    Option("QUEUE_TIMEOUT", "600", _non_negative_float,
+           "seconds a queued job waits while no backend that can run it is up, then fails (0 = forever)"),
     Option("FREE_AFTER_N_GENERATIONS", "0", _non_negative_int,
            "send /free to a backend after this many jobs (0 = never)"),
     Option("BACKEND_TIMEOUT", "30", _positive_float,
@@ -149,6 +158,7 @@ class Settings:
     max_inflight_per_server: int
     max_retries: int
     max_queue: int
+    queue_timeout: float
     free_after_n_generations: int
     backend_timeout: float
     health_check_interval: float
@@ -208,6 +218,19 @@ def load_settings(
     if check_paths:
         check_paths_usable(settings)
     return settings
+
+
+def setting_source(key: str, overrides: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
+                   dotenv_path: str | os.PathLike | None = ".env") -> str | None:
+    """Where `key` is set, in the order `load_settings` reads them: "the command line", "the
+    environment", the dotenv file's path, or None when the default applies."""
+    if overrides and overrides.get(key) is not None:
+        return "the command line"
+    if key in (os.environ if env is None else env):
+        return "the environment"
+    if dotenv_path and Path(dotenv_path).is_file() and dotenv_values(dotenv_path).get(key) is not None:
+        return str(dotenv_path)
+    return None
 
 
 def check_paths_usable(settings: Settings) -> None:

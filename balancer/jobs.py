@@ -104,14 +104,17 @@ class Job:
                      for r in record.get("results", ())],
             error=record.get("error", ""), finished_at=record.get("finished_at"))
 
-    def status(self, queue_position: int | None = None) -> dict:
-        """The job's state in the words of the websocket and /execution-info."""
+    def status(self, queue_position: int | None = None, waiting_for: str | None = None) -> dict:
+        """The job's state in the words of the websocket and /execution-info; a queued job
+        that no backend can take now says why (`waiting_for`) instead of its place."""
         if self.state is JobState.DONE:
             return status_message("closed", DONE_DETAIL)
         if self.state is JobState.ERROR:
             return status_message("error", self.error)
         if self.state is JobState.RUNNING and self.executing:
             return status_message("progress", format_percent(self.percent))
+        if waiting_for is not None:
+            return status_message("connected", waiting_for, queue_position=queue_position)
         if queue_position is not None:
             return status_message("connected", f"queued / {queue_position}", queue_position=queue_position)
         return status_message("connected", CONNECTED_DETAIL)

@@ -31,6 +31,11 @@ log = logging.getLogger("bridge.jobs")
 RESUME_WAIT = 10.0   # seconds a restored job waits for its backend to come back
 
 
+def why_down(backends) -> str:
+    """Each backend's address and why it cannot be reached, for a person."""
+    return "; ".join(f"{b.address}: {b.stats.last_error or 'not connected yet'}" for b in backends)
+
+
 class JobService:
     def __init__(self, settings, catalog, uploads, results, state, hub: StatusHub, store):
         self.settings = settings
@@ -107,6 +112,9 @@ class JobService:
         position = len(self.queue)
         saved = self._transition(job, "queued", queue=position)
         self._schedule_pump()
+        waiting = self.waiting_for(job)
+        if waiting is not None:  # its socket (if open) learns why nothing happens
+            self.hub.publish(client_id, job.status(position, waiting))
         await saved
         return position
 
@@ -114,7 +122,28 @@ class JobService:
         return self.jobs.get(client_id)
 
     def status(self, job: Job) -> dict:
-        return job.status(self.queue.position(job) if job.state is JobState.QUEUED else None)
+        if job.state is not JobState.QUEUED:
+            return job.status()
+        return job.status(self.queue.position(job), self.waiting_for(job))
+
+    def waiting_for(self, job: Job) -> str | None:
+        """Why a queued job cannot start while no backend that can run it is up, else None."""
+        able = [b for b in self.backends if can_run(job, b)]
+        if any(b.up for b in able):
+            return None
+        return f"waiting for a backend: none is up ({why_down(able)})"
+
+    def expire_waiting(self, now: float) -> None:
+        """QUEUE_TIMEOUT: a queued job fails once no backend that can run it has been up for
+        that long (a long queue in front of working backends is not a reason)."""
+        limit = self.settings.queue_timeout
+        if not limit or all(b.up for b in self.backends):
+            return
+        for job in [j for j in self.queue if now - j.created > limit]:
+            able = [b for b in self.backends if can_run(job, b)]
+            if not any(b.up or now - b.state_since < limit for b in able):
+                self.queue.remove(job)
+                self._fail(job, f"{self.waiting_for(job)}; gave up after {limit:g}s")
 
     def status_of(self, client_id: str) -> dict:
         """The client's job status; `connected` for a socket that has not generated yet."""

@@ -1,4 +1,4 @@
-"""What GET /status shows: each backend, the queue, the jobs by state."""
+"""What GET /status shows: each backend, the queue, the jobs by state, the catalog's broken files."""
 from __future__ import annotations
 
 
@@ -12,6 +12,8 @@ def service_snapshot(service, now: float) -> dict:
         "queue": {"length": len(service.queue), "oldest_wait": round(now - oldest, 3) if oldest else 0.0},
         "jobs": states,
         "generation_count": service.state.generation_count,
+        # Files the catalog could not load; what they held before is still served.
+        "catalog": {"broken": service.intake.catalog.broken()},
     }
 
 

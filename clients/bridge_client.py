@@ -18,6 +18,7 @@ import ujson
 from tornado import httpclient, httputil
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+DEFAULT_OUT = "out"        # the folder the repository's .gitignore ignores
 CALL_TIMEOUT = 60.0        # seconds for one ordinary API call
 TRANSFER_TIMEOUT = 600.0   # seconds for an upload or a /history download
 
@@ -31,7 +32,7 @@ class ClientError(Exception):
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=description,
-        epilog="Example: %(prog)s --workflow invert --file 1/image=photo.png --out results")
+        epilog="Example: %(prog)s --workflow invert --file 1/image=photo.png --out out")
     parser.add_argument("--server", default=DEFAULT_SERVER,
                         help=f"bridge address (default {DEFAULT_SERVER})")
     parser.add_argument("--workflow", help="workflow alias; without it the available aliases are listed")
@@ -43,8 +44,8 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
                              "e.g. 10/image=photo.png. Repeatable.")
     parser.add_argument("--api-key", default=os.environ.get("BRIDGE_API_KEY") or None,
                         help="API key when the bridge requires one (default: $BRIDGE_API_KEY)")
-    parser.add_argument("--out", default="results", type=Path,
-                        help="folder for the result files (default ./results)")
+    parser.add_argument("--out", default=DEFAULT_OUT, type=Path,
+                        help=f"folder for the result files (default ./{DEFAULT_OUT}, git-ignored in the repository)")
     parser.add_argument("--client-id", default=None,
                         help="clientId of this job (default: a new uuid4)")
     args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Run one workflow on the bridge with plain HTTP: poll GET /execution-info for progress.
 
-    python clients/rest_example.py --workflow invert --file 1/image=workflows/example.png
-    python clients/rest_example.py --workflow slow-progress --file 1/image=photo.png --input 2/steps=50
+    .venv/bin/python clients/rest_example.py --workflow invert --file 1/image=workflows/example.png
+    .venv/bin/python clients/rest_example.py --workflow slow-progress --file 1/image=photo.png --input 2/steps=50
 
 Steps: upload the --file inputs (POST /upload), queue the job (POST /generate-based-workflow),
 ask GET /execution-info every half second and draw the progress, then on "closed" fetch

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Run one workflow on the bridge and follow it over the websocket.
 
-    python clients/ws_example.py --workflow invert --file 1/image=workflows/example.png
-    python clients/ws_example.py --workflow blank-image --input 1/width=640 --input 1/color=16711680
+    .venv/bin/python clients/ws_example.py --workflow invert --file 1/image=workflows/example.png
+    .venv/bin/python clients/ws_example.py --workflow blank-image --input 1/width=640 --input 1/color=16711680
 
 Steps: upload the --file inputs (POST /upload), open WS /ws?clientId=, queue the job
 (POST /generate-based-workflow), draw the progress messages, and on "closed" fetch

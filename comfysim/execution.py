@@ -247,6 +247,8 @@ class PromptRun:
 
     # -- messages ---------------------------------------------------------------------------
     def add_message(self, event: str, data: dict, broadcast: bool) -> None:
+        if event in self.hub.absent:
+            return  # an event this version does not know: neither sent nor kept in history
         data = {**data, "timestamp": protocol.now_ms()}
         self.messages.append([event, data])
         if self.hub.client_id is not None or broadcast:

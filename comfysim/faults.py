@@ -64,11 +64,14 @@ async def apply(handler, rt) -> bool:
         if pending and _matches(key, method, route):
             seconds = pending.popleft()
             sim.fault_log.append(("stall", method, req.uri))
+            released = asyncio.Event()
+            sim._stall_releases.add(released)
             sim.stalling += 1
             try:
-                await _sleep_unless_dead(seconds, rt)
+                await _sleep_unless(seconds, rt.dead, released)
             finally:
                 sim.stalling -= 1
+                sim._stall_releases.discard(released)
             if rt.dead.is_set():  # the process died meanwhile: no answer at all
                 req.connection.close()
                 return True
@@ -92,11 +95,11 @@ async def apply(handler, rt) -> bool:
     return True
 
 
-async def _sleep_unless_dead(seconds: float, rt) -> None:
-    sleeper = asyncio.ensure_future(asyncio.sleep(seconds))
-    dead = asyncio.ensure_future(rt.dead.wait())
+async def _sleep_unless(seconds: float, *events: asyncio.Event) -> None:
+    """Sleep, or less if one of the events is set (the process died, the test released it)."""
+    waiters = {asyncio.ensure_future(asyncio.sleep(seconds)), *(asyncio.ensure_future(e.wait()) for e in events)}
     try:
-        await asyncio.wait({sleeper, dead}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        sleeper.cancel()
-        dead.cancel()
+        for waiter in waiters:
+            waiter.cancel()

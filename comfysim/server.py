@@ -44,6 +44,7 @@ class Execution:
     """One run of a prompt that executed at least one node (see SimulatedComfy.executions)."""
     prompt_id: str
     prompt: dict                                    # the graph as queued (widget values coerced)
+    extra_data: dict                                # what the nodes saw (split-off keys included)
     nodes: list[str] = field(default_factory=list)  # node ids actually run, in order
 
 
@@ -66,7 +67,8 @@ class SimulatedComfy:
     stall_next(route, seconds=5, count=1)
         the next `count` requests of that route (same keys) wait `seconds` before they are
         handled (they see the state of when they resume); the IOLoop keeps running. A
-        crash()/stop() during a stall drops the connection. `stalling` = requests waiting now.
+        crash()/stop() during a stall drops the connection. `stalling` = requests waiting now;
+        release_stalls() lets them go at once (so a test can stall "until" something happened).
     fault_log
         (kind, method, uri) for every fault applied: "poison", "fail_every", "stall"
         (logged when the stall starts).
@@ -79,7 +81,8 @@ class SimulatedComfy:
         prompt deleted or lost before it started, adds nothing; a run that fails or is
         interrupted after starting a node counts). `executions.count(pid)` = how often it ran.
     execution_records
-        the same runs as Execution(prompt_id, prompt, nodes) records.
+        the same runs as Execution(prompt_id, prompt, extra_data, nodes) records (extra_data as
+        the nodes saw it, sensitive keys included; nodes = the node ids run, in order).
     executions_containing(marker)
         the prompt ids in `executions` whose graph (as JSON) contains the marker.
 
@@ -116,6 +119,7 @@ class SimulatedComfy:
         self.fault_counts: Counter = Counter()
         self._stalls: dict[str, deque] = {}
         self.stalling = 0
+        self._stall_releases: set[asyncio.Event] = set()
         self.fault_log: list[tuple[str, str, str]] = []
         self._oom_remaining = 0
         self._interrupt_flag = False
@@ -234,6 +238,11 @@ class SimulatedComfy:
         faults.parse_key(route)
         self._stalls.setdefault(route, deque()).extend([float(seconds)] * count)
 
+    def release_stalls(self) -> None:
+        """End the stalls under way now: those requests are handled at once."""
+        for released in list(self._stall_releases):
+            released.set()
+
     def clear_faults(self) -> None:
         """Switch every fault knob off (pending stalls included; running ones finish)."""
         self.fail_prompts_containing = None
@@ -310,7 +319,7 @@ class SimulatedComfy:
         """The executor runs a (non-cached) node of `run`: count the run once, at its first node."""
         record = getattr(run, "record", None)
         if record is None:
-            record = run.record = Execution(run.prompt_id, run.prompt)
+            record = run.record = Execution(run.prompt_id, run.prompt, run.extra_data)
             self.execution_records.append(record)
             self.executions.append(run.prompt_id)
         record.nodes.append(node_id)

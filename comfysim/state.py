@@ -134,9 +134,6 @@ class PromptQueue:
         # queue_pending is the raw heap array, not sorted (as in ComfyUI)
         return [self.view(i) for i in self.running.values()], [self.view(entry[3]) for entry in self._heap]
 
-    def is_pending(self, prompt_id) -> bool:
-        return any(entry[1] == prompt_id for entry in self._heap)
-
     def delete_pending(self, prompt_id) -> bool:
         for i, entry in enumerate(self._heap):
             if entry[1] == prompt_id:

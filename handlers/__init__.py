@@ -1,7 +1,7 @@
 """Every route of the bridge, joined from each module's own list."""
 from __future__ import annotations
 
-from . import generate, history, jobs, metrics, openapi, server, upload, workflows, ws
+from . import docs, generate, history, jobs, metrics, openapi, server, upload, workflows, ws
 from .base import NotFoundHandler
 
 
@@ -16,6 +16,7 @@ def all_routes(static_dir: str) -> list:
         *server.routes,
         *metrics.routes,
         *openapi.routes,
+        *docs.routes(),
         *server.static_routes(static_dir),
     ]
 

@@ -1,18 +1,25 @@
 """GET /openapi.json: the hand-written OpenAPI 3.1 description of the bridge (openapi.json beside
-this file; tests/test_openapi.py validates it and checks every route is described)."""
+this file; tests/test_openapi.py validates it and checks every route is described). Its
+`info.version` is the bridge's own (comfy_bridge_version.py), set here; GET /docs renders it."""
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
-from .base import JsonHandler
+import ujson
+
+from comfy_bridge_version import __version__
+
+from .base import JsonHandler, to_json_bytes
 
 DOCUMENT = Path(__file__).with_name("openapi.json")
 
 
 @functools.lru_cache(maxsize=1)
 def document_bytes() -> bytes:
-    return DOCUMENT.read_bytes()
+    document = ujson.loads(DOCUMENT.read_bytes())
+    document["info"]["version"] = __version__
+    return to_json_bytes(document)
 
 
 class OpenApiHandler(JsonHandler):

@@ -5,6 +5,7 @@ import time
 
 from tornado import web
 
+from balancer.service import why_down
 from logs import request_summary
 
 from .base import JsonHandler, write_detail
@@ -20,8 +21,13 @@ class HealthHandler(JsonHandler):
     public = True
 
     def get(self) -> None:
-        up = sum(1 for b in self.service.backends if b.up)
-        self.write_json({"status": "ok", "backends_up": up, "backends": len(self.service.backends)})
+        """503 when no backend is up, so a load balancer stops sending traffic here."""
+        backends = self.service.backends
+        up = sum(1 for b in backends if b.up)
+        if up:
+            return self.write_json({"status": "ok", "backends_up": up, "backends": len(backends)})
+        self.write_json({"status": "unavailable", "backends_up": 0, "backends": len(backends),
+                         "detail": f"no backend is up ({why_down(backends)})"}, status=503)
 
 
 class StatusHandler(JsonHandler):

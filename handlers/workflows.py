@@ -20,7 +20,8 @@ class WorkflowInfoHandler(JsonHandler):
             workflow = self.catalog.get(alias)
         except CatalogError as exc:
             raise ApiError(400, str(exc)) from None
-        self.write_json(workflow.info())
+        # The specification's keys, and beside them what a form needs (limits, description).
+        self.write_json(self.service.intake.describe(workflow, self.service.backends))
 
 
 routes = [

@@ -54,7 +54,7 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
             message = self.service.status(job)
             if job.ended:
                 self.send_status(message, final=True)
-            elif message["status"] == "progress":
+            elif message["status"] == "progress" or self.service.waiting_for(job) is not None:
                 self._send(message)
 
     # StatusSink ----------------------------------------------------------------------

@@ -3,8 +3,9 @@
 #   upload.sh photo.png                         -> {"file": "<saved name>"}
 #   upload.sh 10/image=face.png mask=mask.png   -> {"10/image": "...", "mask": "..."}
 # Without IDENTIFIER= the parts are named file (one file) or file_1, file_2, ... (several).
+SCRIPT_USAGE="[IDENTIFIER=]FILE [[IDENTIFIER=]FILE ...]"
 . "$(dirname "$0")/_common.sh"
-[ $# -ge 1 ] || usage "[IDENTIFIER=]FILE [[IDENTIFIER=]FILE ...]"
+[ $# -ge 1 ] || usage
 parts=()
 n=0
 for arg in "$@"; do

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # WS /ws?clientId=ID: a job's status messages, live. curl cannot speak websocket here, so this
 # runs wscat when it is installed and otherwise prints how to get it (and a Python alternative).
+SCRIPT_USAGE="CLIENT_ID"
 . "$(dirname "$0")/_common.sh"
-[ $# -eq 1 ] || usage "CLIENT_ID"
+[ $# -eq 1 ] || usage
 url="ws${BRIDGE#http}/ws?clientId=$1"       # http:// -> ws://, https:// -> wss://
 if command -v wscat >/dev/null 2>&1; then
   if [ -n "${BRIDGE_API_KEY:-}" ]; then
@@ -20,5 +21,5 @@ Open it before (or after) generate.sh with the same clientId; it prints lines su
   < {"status": "closed", "detail": "Execution is done"}
 Closing it while the job is queued or running cancels the job.
 Without Node.js, clients/ws_example.py does the whole flow over the websocket:
-  python clients/ws_example.py --server $BRIDGE --workflow ALIAS --file KEY=PATH
+  .venv/bin/python clients/ws_example.py --server $BRIDGE --workflow ALIAS --file KEY=PATH
 NOTE

@@ -15,8 +15,12 @@ literal input of every node, with a warning.
 
 The catalog notices edits without a restart: on access, at most once per
 ``check_interval`` seconds, it stats the alias file and every workflow file it
-names and reloads only what changed. One broken workflow does not hide the others;
-it reports its reason through ``get()`` and ``load_errors()``.
+names and reloads only what changed. One broken workflow does not hide the others.
+A file that breaks during a live edit (half saved, invalid, gone) keeps its last good
+version serving: a workflow file its workflow, the alias file its alias table;
+``broken()`` names each such file, since when and why, until it is fixed. At start-up
+there is no last good version: such an alias is unavailable and ``get()`` and
+``load_errors()`` say why.
 
 Nothing here knows about HTTP. ``CatalogError`` messages are written for the
 client (they name the field and value) and never carry server paths.
@@ -59,8 +63,10 @@ FILE_INPUTS = frozenset({
 
 _ENTRY_KEYS = ("file", "inputs", "description", "backends")
 
-# Clock used for the check interval; a module attribute so tests can move time.
+# Clocks: the check interval's, and the wall clock of "broken since"; module attributes so
+# tests can move time.
 _now = time.monotonic
+_wall = time.time
 
 
 class CatalogError(ValueError):
@@ -399,10 +405,18 @@ def _load_workflow(alias: str, entry: _Entry, path: Path) -> Workflow:
 @dataclass
 class _Slot:
     """What the catalog knows about one alias."""
-    entry: _Entry | None
-    signature: tuple[int, int, int] | None
-    workflow: Workflow | None
-    error: str | None
+    entry: _Entry | None                      # as last read (None: the entry itself is bad)
+    signature: tuple[int, int, int] | None    # of the workflow file as last read
+    workflow: Workflow | None                 # what is served: this version or the last good one
+    error: str | None = None                  # why the version last read did not load
+    broken_file: str | None = None            # the file that error is blamed on
+    since: float | None = None                # wall-clock time the file first failed
+
+
+@dataclass(frozen=True)
+class _Broken:
+    error: str
+    since: float
 
 
 class WorkflowCatalog:
@@ -411,7 +425,8 @@ class WorkflowCatalog:
         self.alias_file = Path(alias_file)
         self.check_interval = check_interval
         self._alias_sig: tuple[int, int, int] | None | bool = False  # False: never read
-        self._alias_error: str | None = None
+        self._alias_broken: _Broken | None = None
+        self._alias_loaded = False      # a good alias table was read at least once
         self._raw_entries: dict[str, Any] = {}
         self._slots: dict[str, _Slot] = {}
         self._last_check: float | None = None
@@ -437,11 +452,33 @@ class WorkflowCatalog:
         return slot.workflow
 
     def load_errors(self) -> dict[str, str]:
-        """alias -> reason. If the alias file itself is unusable, one entry keyed by its name."""
+        """alias -> why it is unavailable (an alias serving its last good version is not).
+        If no alias table could ever be read, one entry keyed by the alias file's name."""
         self._maybe_refresh()
-        if self._alias_error is not None:
-            return {self.alias_file.name: self._alias_error}
-        return {a: s.error for a, s in self._slots.items() if s.error is not None}
+        if self._alias_broken is not None and not self._alias_loaded:
+            return {self.alias_file.name: self._alias_broken.error}
+        return {a: s.error for a, s in self._slots.items()
+                if s.error is not None and s.workflow is None}
+
+    def broken(self) -> list[dict]:
+        """Files whose version on disk could not be loaded, for /status: ``{"file", "since",
+        "error", "aliases"}`` (names relative to the workflow dir; ``since`` in Unix time).
+        What such a file held before is still served; at start-up there was nothing before."""
+        self._maybe_refresh()
+        found: dict[str, dict] = {}
+        if self._alias_broken is not None:
+            found[self.alias_file.name] = {
+                "file": self.alias_file.name, "since": round(self._alias_broken.since, 3),
+                "error": self._alias_broken.error, "aliases": []}
+        for alias, slot in self._slots.items():
+            if slot.error is None:
+                continue
+            item = found.setdefault(slot.broken_file, {
+                "file": slot.broken_file, "since": round(slot.since, 3), "error": slot.error,
+                "aliases": []})
+            item["since"] = min(item["since"], round(slot.since, 3))
+            item["aliases"].append(alias)
+        return list(found.values())
 
     # -- reloading ---------------------------------------------------------
 
@@ -483,29 +520,53 @@ class WorkflowCatalog:
                 else:
                     error = (f"alias file '{name}' must be a JSON object mapping "
                              "aliases to workflow files")
-        if error is not None:
-            log.error("%s; serving no workflows until it is fixed", error)
-        else:
+        if error is None:
+            if self._alias_broken is not None:
+                log.info("alias file '%s' is fixed", name)
             log.info("alias file '%s' read: %d aliases", name, len(entries))
-        self._alias_error = error
-        self._raw_entries = entries
+            self._alias_broken = None
+            self._alias_loaded = True
+            self._raw_entries = entries
+            return
+        # The last good table (if any) stays: a half-saved edit must not empty the catalog.
+        if self._alias_loaded:
+            log.error("%s; still serving its last good version (%d aliases) until it is fixed",
+                      error, len(self._raw_entries))
+        else:
+            log.error("%s; serving no workflows until it is fixed", error)
+        since = self._alias_broken.since if self._alias_broken is not None else _wall()
+        self._alias_broken = _Broken(error=error, since=since)
 
     def _refresh_alias(self, alias: str, raw: Any, old: _Slot | None) -> _Slot:
         try:
             entry = _parse_entry(raw)
             path = _resolve_inside(self.workflow_dir, entry.file)
         except _LoadError as exc:
-            if old is None or old.error != str(exc):
-                log.warning("workflow '%s' not loaded: %s", alias, exc)
-            return _Slot(entry=None, signature=None, workflow=None, error=str(exc))
+            return self._failed(alias, old, None, None, self.alias_file.name, str(exc))
         sig = _signature(path)
         if old is not None and old.entry == entry and old.signature == sig:
             return old
         try:
             workflow = _load_workflow(alias, entry, path)
         except _LoadError as exc:
-            log.warning("workflow '%s' not loaded: %s", alias, exc)
-            return _Slot(entry=entry, signature=sig, workflow=None, error=str(exc))
+            return self._failed(alias, old, entry, sig, entry.file, str(exc))
+        if old is not None and old.error is not None:
+            log.info("workflow '%s': '%s' is fixed", alias, old.broken_file)
         log.info("workflow '%s' loaded from '%s' (%d inputs: %s)", alias, entry.file,
                  len(workflow.inputs), ", ".join(workflow.inputs) or "none")
-        return _Slot(entry=entry, signature=sig, workflow=workflow, error=None)
+        return _Slot(entry=entry, signature=sig, workflow=workflow)
+
+    @staticmethod
+    def _failed(alias: str, old: _Slot | None, entry: _Entry | None,
+                sig: tuple[int, int, int] | None, file: str, error: str) -> _Slot:
+        """The alias's new version did not load: keep serving the last good one, if any."""
+        kept = old.workflow if old is not None else None
+        still = old is not None and old.error is not None and old.broken_file == file
+        if not (still and old.error == error):
+            if kept is not None:
+                log.error("workflow '%s' not reloaded: %s; still serving its last good version",
+                          alias, error)
+            else:
+                log.warning("workflow '%s' not loaded: %s", alias, error)
+        return _Slot(entry=entry, signature=sig, workflow=kept, error=error, broken_file=file,
+                     since=old.since if still else _wall())

@@ -8,6 +8,12 @@ Fixtures:
   per DATA_DIR: `await running.stop()` before starting another on the same one.
 - `sim`, `bridge`: one simulator and a bridge in front of it, ready (backend up).
 - `api`: an `Api` client bound to `bridge` (HTTP + websocket helpers with timeouts).
+- `sim_profile`: the profile the `sim` fixture imitates. None (= the simulator's default)
+  unless the test or its module is marked `@pytest.mark.all_profiles` (module:
+  `pytestmark = pytest.mark.all_profiles`): then the test runs once per profile
+  (`ALL_PROFILES`), with ids like `test_x[current]`. `all_profiles(xfail={"legacy": "why"})`
+  marks the run on those profiles xfail(strict=True); `all_profiles("0.3.64", "current")`
+  limits the runs to the profiles named.
 """
 from __future__ import annotations
 
@@ -27,6 +33,25 @@ from settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
+ALL_PROFILES = ("legacy", "0.3.64", "current")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "all_profiles(*profiles, xfail={profile: reason}): run the test against every "
+        "simulator profile (the `sim` fixture reads `sim_profile`)")
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("all_profiles")
+    if marker is None or "sim_profile" not in metafunc.fixturenames:
+        return
+    xfails = marker.kwargs.get("xfail", {})
+    unknown = set(marker.args) - set(ALL_PROFILES) | set(xfails) - set(ALL_PROFILES)
+    assert not unknown, f"all_profiles: unknown profile(s) {sorted(unknown)}"
+    params = [pytest.param(p, id=p, marks=[pytest.mark.xfail(strict=True, reason=xfails[p])] if p in xfails else [])
+              for p in (marker.args or ALL_PROFILES)]
+    metafunc.parametrize("sim_profile", params, indirect=True)
 
 
 # Poll a sync or async predicate until truthy, with a deadline (shared with the simulator's tests).
@@ -192,12 +217,18 @@ class RunningBridge:
 
 
 @pytest.fixture
+def sim_profile(request):
+    """The profile of the `sim` fixture: None (the simulator's default) unless parametrized."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture
 async def sim_factory():
     from comfysim import SimulatedComfy
     started = []
 
-    async def make(name: str = "sim", tick_seconds: float = 0.02, **kwargs):
-        sim = SimulatedComfy(name=name, tick_seconds=tick_seconds, **kwargs)
+    async def make(name: str = "sim", tick_seconds: float = 0.02, profile: str | None = None, **kwargs):
+        sim = SimulatedComfy(name=name, tick_seconds=tick_seconds, profile=profile, **kwargs)
         await sim.start(port=0)
         started.append(sim)
         return sim
@@ -238,8 +269,8 @@ async def bridge_factory(tmp_path):
 
 
 @pytest.fixture
-async def sim(sim_factory):
-    return await sim_factory(name="sim-a")
+async def sim(sim_factory, sim_profile):
+    return await sim_factory(name="sim-a", profile=sim_profile)
 
 
 @pytest.fixture

@@ -1,5 +1,10 @@
 """Cancelling: POST /interrupt, closing the websocket, and socket replacement."""
+import pytest
+
 from tests.conftest import new_client_id, png_bytes, stopped_by_id, wait_for
+
+# Every test here runs against each simulator profile: legacy, 0.3.64 and current ComfyUI.
+pytestmark = pytest.mark.all_profiles
 
 
 async def start_slow(api, client_id, steps=200):
@@ -54,6 +59,31 @@ async def test_interrupt_queued_job_never_reaches_a_backend(api, bridge, sim):
     await api.wait_status(running, "error")
     prompts = [body for method, path, body in sim.requests_log if path.endswith("/prompt") and method == "POST"]
     assert len(prompts) == 1  # only the running job's prompt was ever sent
+
+
+@pytest.mark.all_profiles(xfail={"legacy": (
+    "old servers ignore the prompt_id of POST /interrupt: the bridge's interrupt, sent after it saw the "
+    "prompt running in GET /queue, lands after that prompt ended and stops the next prompt instead")})
+async def test_a_late_interrupt_does_not_stop_the_next_job(api, bridge, sim):
+    """The bridge cancels a running job; its POST /interrupt reaches the backend only after
+    that prompt ended and the next job's prompt started (stalled there until then)."""
+    sim.tick_seconds = 0.02
+    victim, following = new_client_id(), new_client_id()
+    saved = await api.upload(png_bytes())
+    await api.generate(victim, {"workflow": "slow-progress", "1/image": saved, "2/steps": 10})
+    await api.wait_status(victim, "progress")
+    victim_prompt = bridge.service.get(victim).prompt_id
+    # Current servers are cancelled through their atomic route, older ones by a targeted interrupt.
+    sim.stall_next("POST jobs" if sim.profile == "current" else "POST interrupt", seconds=30)
+    await api.json(f"/interrupt?clientId={victim}", "POST")
+    await wait_for(lambda: sim.stalling == 1, what="the bridge's interrupt to reach the backend")
+    await api.generate(following, {"workflow": "slow-progress", "1/image": saved, "2/steps": 30})
+    await wait_for(lambda: victim_prompt in sim.executed_prompts, what="the victim's prompt to end on its own")
+    await wait_for(lambda: bridge.service.get(following).prompt_id in sim.executions, what="the next prompt to run")
+    sim.release_stalls()
+    await wait_for(lambda: sim.stalling == 0 and (sim.interrupt_calls or sim.cancel_calls),
+                   what="the interrupt to be handled")
+    assert (await api.wait_status(following, "closed", "error"))["status"] == "closed"
 
 
 async def test_interrupt_unknown_client_is_400(api):

@@ -8,6 +8,9 @@ from PIL import Image, ImageChops
 
 from tests.conftest import new_client_id, png_bytes, wait_for
 
+# Every test here runs against each simulator profile: legacy, 0.3.64 and current ComfyUI.
+pytestmark = pytest.mark.all_profiles
+
 
 async def run_invert(api, client_id=None, image=None):
     client_id = client_id or new_client_id()

@@ -520,13 +520,21 @@ def test_bad_edit_keeps_others_and_recovers(wdir):
     cat = make_catalog(wdir, {"i": {"file": "inv.json", "inputs": ["1/image"]},
                               "m": {"file": "m.json", "inputs": ["3/seed"]}},
                        {"inv.json": INVERT, "m.json": MIXED})
+    good = cat.get("m")
     (wdir / "m.json").write_text('{"3": ')
     touch_later(wdir / "m.json")
-    assert cat.aliases() == ["i"]
-    assert "invalid JSON" in cat.load_errors()["m"]
-    write_json(wdir / "m.json", MIXED)
+    assert cat.aliases() == ["i", "m"]          # the last good version keeps serving
+    assert cat.get("m") is good
+    assert cat.load_errors() == {}               # nothing is unavailable
+    [broken] = cat.broken()
+    assert broken["file"] == "m.json" and broken["aliases"] == ["m"]
+    assert "invalid JSON" in broken["error"]
+    edited = copy.deepcopy(MIXED)
+    edited["3"]["inputs"]["seed"] = 7
+    write_json(wdir / "m.json", edited)
     touch_later(wdir / "m.json")
-    assert cat.aliases() == ["i", "m"]
+    assert cat.get("m").inputs["3/seed"].default == 7
+    assert cat.broken() == []
 
 
 def test_alias_file_appearing_and_breaking(wdir):
@@ -535,10 +543,148 @@ def test_alias_file_appearing_and_breaking(wdir):
     assert cat.aliases() == []
     write_json(wdir / "aliases.json", {"i": {"file": "inv.json", "inputs": ["1/image"]}})
     assert cat.aliases() == ["i"]
+    assert cat.broken() == []
     (wdir / "aliases.json").write_text("{")
     touch_later(wdir / "aliases.json")
+    assert cat.aliases() == ["i"]                # the last good alias table keeps serving
+    assert cat.load_errors() == {}
+    [broken] = cat.broken()
+    assert broken["file"] == "aliases.json" and "invalid JSON" in broken["error"]
+
+
+# -- last good version during live edits ------------------------------------------------
+
+@pytest.fixture
+def wall(monkeypatch):
+    """The wall clock behind "broken since", moved by hand."""
+    clock = [1_700_000_000.0]
+    monkeypatch.setattr(catalog_mod, "_wall", lambda: clock[0])
+    return clock
+
+
+@pytest.mark.parametrize("breakage, fragment", [
+    ("{\"1\": ", "invalid JSON"),
+    (json.dumps(UI_FORMAT), "UI-format"),
+    (b"\xff\xfe", "not UTF-8"),
+    (None, "not found"),                         # deleted (or mid-rename by an editor)
+    (json.dumps({"9": {"class_type": "X", "inputs": {}}}), "exposed input '1/image' not found"),
+])
+def test_broken_workflow_file_keeps_last_good_version(wdir, wall, caplog, breakage, fragment):
+    cat = make_catalog(wdir, {"i": {"file": "inv.json", "inputs": ["1/image"]}},
+                       {"inv.json": INVERT})
+    good = cat.get("i")
+    path = wdir / "inv.json"
+    with caplog.at_level(logging.ERROR, logger="bridge.catalog"):
+        if breakage is None:
+            path.unlink()
+        else:
+            path.write_bytes(breakage.encode() if isinstance(breakage, str) else breakage)
+            touch_later(path)
+        assert cat.get("i") is good
+        assert cat.aliases() == ["i"]
+    [broken] = cat.broken()
+    assert broken["file"] == "inv.json" and broken["since"] == wall[0]
+    assert fragment in broken["error"] and broken["aliases"] == ["i"]
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(logged) == 1 and "last good" in logged[0] and fragment in logged[0]
+
+    wall[0] += 60
+    write_json(path, {**INVERT, "3": {**INVERT["3"], "_meta": {"title": "Renamed"}}})
+    touch_later(path)
+    assert cat.get("i") is not good
+    assert cat.get("i").graph["3"]["_meta"]["title"] == "Renamed"
+    assert cat.broken() == []
+
+
+def test_broken_since_is_the_first_failure(wdir, wall):
+    cat = make_catalog(wdir, {"i": {"file": "inv.json", "inputs": ["1/image"]}},
+                       {"inv.json": INVERT})
+    (wdir / "inv.json").write_text("{")
+    touch_later(wdir / "inv.json")
+    first = wall[0]
+    assert cat.broken()[0]["since"] == first
+    wall[0] += 30
+    (wdir / "inv.json").write_text(json.dumps(UI_FORMAT))
+    touch_later(wdir / "inv.json")
+    [broken] = cat.broken()
+    assert broken["since"] == first and "UI-format" in broken["error"]   # the latest reason
+
+
+def test_broken_alias_file_keeps_last_good_table(wdir, wall, caplog):
+    cat = make_catalog(wdir, {"i": {"file": "inv.json", "inputs": ["1/image"]},
+                              "m": {"file": "m.json", "inputs": ["3/seed"]}},
+                       {"inv.json": INVERT, "m.json": MIXED})
+    alias_file = wdir / "aliases.json"
+    with caplog.at_level(logging.ERROR, logger="bridge.catalog"):
+        alias_file.write_text('{"i": {"file": "inv.json", "inputs": ["1/ima')
+        touch_later(alias_file)
+        assert cat.aliases() == ["i", "m"]
+    assert any("last good" in r.getMessage() for r in caplog.records)
+    assert cat.broken() == [{"file": "aliases.json", "since": wall[0],
+                             "error": cat.broken()[0]["error"], "aliases": []}]
+    assert "invalid JSON" in cat.broken()[0]["error"]
+
+    # Workflow files still reload while the alias table is the last good one.
+    edited = copy.deepcopy(MIXED)
+    edited["3"]["inputs"]["seed"] = 9
+    write_json(wdir / "m.json", edited)
+    touch_later(wdir / "m.json")
+    assert cat.get("m").inputs["3/seed"].default == 9
+
+    alias_file.unlink()                          # gone: still the last good table
+    assert cat.aliases() == ["i", "m"]
+    assert "not found" in cat.broken()[0]["error"]
+
+    write_json(alias_file, {"m": {"file": "m.json", "inputs": ["3/seed"]}})
+    assert cat.aliases() == ["m"]
+    assert cat.broken() == []
+
+
+def test_broken_alias_entry_keeps_that_alias_last_good_version(wdir, wall):
+    cat = make_catalog(wdir, {"i": {"file": "inv.json", "inputs": ["1/image"]},
+                              "j": {"file": "inv.json", "inputs": ["1/image"]}},
+                       {"inv.json": INVERT})
+    good = cat.get("i")
+    write_json(wdir / "aliases.json", {"i": {"file": "inv.json", "inputs": "1/image"},
+                                       "j": {"file": "inv.json", "inputs": ["1/image"]}})
+    touch_later(wdir / "aliases.json")
+    assert cat.get("i") is good
+    [broken] = cat.broken()
+    assert broken["file"] == "aliases.json" and broken["aliases"] == ["i"]
+    assert "\"inputs\"" in broken["error"]
+
+
+def test_shared_broken_file_is_one_entry(wdir, wall):
+    cat = make_catalog(wdir, {"a": {"file": "inv.json", "inputs": ["1/image"]},
+                              "b": {"file": "inv.json", "inputs": ["3/filename_prefix"]}},
+                       {"inv.json": INVERT})
+    (wdir / "inv.json").write_text("[")
+    touch_later(wdir / "inv.json")
+    assert cat.aliases() == ["a", "b"]
+    [broken] = cat.broken()
+    assert broken["file"] == "inv.json" and broken["aliases"] == ["a", "b"]
+
+
+def test_broken_at_start_up_is_unavailable_and_listed(wdir, wall):
+    cat = make_catalog(wdir, {"bad": "bad.json", "good": {"file": "inv.json", "inputs": ["1/image"]}},
+                       {"inv.json": INVERT, "bad.json": "{oops"})
+    assert cat.aliases() == ["good"]
+    assert "invalid JSON" in cat.load_errors()["bad"]
+    with pytest.raises(CatalogError, match="workflow 'bad' is unavailable"):
+        cat.get("bad")
+    [broken] = cat.broken()
+    assert broken["file"] == "bad.json" and broken["aliases"] == ["bad"]
+    write_json(wdir / "bad.json", INVERT)
+    touch_later(wdir / "bad.json")
+    assert cat.aliases() == ["bad", "good"] and cat.broken() == []
+
+
+def test_unusable_alias_file_at_start_up_is_listed(wdir, wall):
+    (wdir / "aliases.json").write_text("{")
+    cat = WorkflowCatalog(wdir, wdir / "aliases.json", check_interval=0)
     assert cat.aliases() == []
-    assert "invalid JSON" in cat.load_errors()["aliases.json"]
+    assert list(cat.load_errors()) == ["aliases.json"]
+    assert [b["file"] for b in cat.broken()] == ["aliases.json"]
 
 
 def test_check_interval_limits_stat_calls(wdir, monkeypatch):

@@ -160,6 +160,7 @@ def test_client_helpers():
     assert module.safe_name("../../etc/passwd", "result_0") == "passwd"
     assert module.safe_name("..", "result_0") == "result_0"
     assert module.safe_name("a\\b\\c.png", "r") == "c.png"
+    assert module.parse_args("x", ["--workflow", "invert"]).out == Path("out")  # git-ignored
 
 
 # ------------------------------------------------------------------------------- curl scripts
@@ -208,13 +209,15 @@ async def test_curl_scripts_run_a_job_end_to_end(sim, bridge, source_png, tmp_pa
 
     code, out, _ = await script("free.sh", client_id, bridge=bridge)
     assert code == 0 and ujson.loads(out)["detail"] == f"server memory free now / {client_id}"
-    code, out, _ = await script("free.sh", bridge=bridge)
+    code, out, _ = await script("free.sh", "--all", bridge=bridge)
     assert code == 0 and ujson.loads(out)["detail"] == "server memory free now / ALL"
 
-    target = tmp_path / "result.multipart"
-    code, out, err = await script("history.sh", client_id, target, bridge=bridge)
+    # Without OUTPUT the body goes to out/ (git-ignored) under the current folder.
+    code, out, err = await script("history.sh", client_id, bridge=bridge, cwd=tmp_path)
     assert code == 0, (out, err)
     assert "bridge_invert_" in out
+    target = tmp_path / "out" / f"history-{client_id}.multipart"
+    assert f"to out/history-{client_id}.multipart" in out
     raw = target.read_bytes()
     boundary = raw.split(b"\r\n", 1)[0][2:].decode()
     [part] = parse_multipart(raw, f"multipart/form-data; boundary={boundary}")
@@ -223,7 +226,7 @@ async def test_curl_scripts_run_a_job_end_to_end(sim, bridge, source_png, tmp_pa
 
     code, out, _ = await script("history.sh", client_id, bridge=bridge, cwd=tmp_path)
     assert code == 3 and "It is not recognized" in out
-    assert not list(tmp_path.glob("history-*"))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [target.name]  # no file for a 204
 
     code, out, _ = await script("generation-count.sh", bridge=bridge)
     assert code == 0 and int(out) == 1
@@ -261,3 +264,36 @@ async def test_curl_scripts_send_the_api_key(sim, bridge_factory):
     code, out, err = await script("workflow-list.sh", bridge=running, env={"BRIDGE_API_KEY": "s3cret"})
     assert code == 0 and "invert" in ujson.loads(out)
     assert "s3cret" not in err  # the printed command does not show the key
+
+
+SCRIPT_NAMES = sorted(p.name for p in SCRIPTS.glob("*.sh") if not p.name.startswith("_"))
+NOWHERE = "http://127.0.0.1:9"  # nothing listens: a script that sent a request would fail (curl: 7)
+
+
+@needs_curl
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["demo-1", "--help"]])
+async def test_scripts_help_sends_nothing(name, args, tmp_path):
+    code, out, err = await run("bash", SCRIPTS / name, *args, env={"BRIDGE": NOWHERE}, cwd=tmp_path)
+    assert code == 0, (out, err)
+    assert out.startswith(f"usage: {name}")
+    assert "Environment: BRIDGE" in out and "BRIDGE_API_KEY" in out
+    assert "+ curl" not in err and err == ""  # no request shown, none made
+    assert not list(tmp_path.iterdir())  # and no file written
+
+
+@needs_curl
+async def test_scripts_refuse_unknown_options_and_free_needs_all(tmp_path):
+    code, _, err = await run("bash", SCRIPTS / "interrupt.sh", "--bogus", env={"BRIDGE": NOWHERE})
+    assert code == 2 and "unknown option '--bogus'" in err and "+ curl" not in err
+    code, _, err = await run("bash", SCRIPTS / "free.sh", env={"BRIDGE": NOWHERE})
+    assert code == 2 and "+ curl" not in err
+    assert "give a CLIENT_ID (frees that job's backend), or --all to free every backend" in err
+    code, _, err = await run("bash", SCRIPTS / "free.sh", "--all", "demo-1", env={"BRIDGE": NOWHERE})
+    assert code == 2 and "either a CLIENT_ID or --all" in err
+    code, _, err = await run("bash", SCRIPTS / "workflow-list.sh", "extra", env={"BRIDGE": NOWHERE})
+    assert code == 2 and "takes no arguments" in err
+    # After "--", an argument that looks like an option is sent as it is (here: refused by the bridge's
+    # clientId check, had a bridge listened); curl's failure to connect proves it was sent.
+    code, _, err = await run("bash", SCRIPTS / "interrupt.sh", "--", "--help", env={"BRIDGE": NOWHERE})
+    assert code == 7 and "clientId=--help" in err

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ujson
 
 from storage.results import ResultStore
 from storage.sweep import sweep_disk
@@ -150,6 +151,13 @@ async def test_results_waiting_survive_sigkill(cluster):
     api.close()
 
 
+def state_count(path: Path) -> int | None:
+    try:
+        return ujson.loads(path.read_bytes())["generation_count"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 async def test_damaged_state_file_keeps_the_count(cluster):
     await cluster.start_sims(1, tick=0.01)
     api = await cluster.start_bridge()
@@ -167,6 +175,8 @@ async def test_damaged_state_file_keeps_the_count(cluster):
     api = await cluster.start_bridge()
     assert await count(api) == 4
     assert "damaged" in cluster.bridge.log.read_text()
+    # The state file is rewritten off the loop after start-up; the next step relies on it.
+    await wait_for(lambda: state_count(state) == 4, what="the repaired state file written")
     cluster.bridge.kill()
     api.close()
     # Without the job database the state file's last good copy still has it.

@@ -11,6 +11,7 @@ from openapi_spec_validator import validate
 from tornado import web
 
 import handlers
+from comfy_bridge_version import __version__
 from handlers.openapi import DOCUMENT
 from tests.conftest import ROOT, multipart, new_client_id, png_bytes
 
@@ -68,9 +69,18 @@ def test_contract_details_are_described(spec):
     assert [p for p in ws["parameters"] if p.get("name") == "token"]
     assert "multipart/form-data" in paths["/upload"]["post"]["requestBody"]["content"]
     assert paths["/healthz"]["get"]["security"] == []
-    # Public by contract: only /healthz and the test page.
+    # Public by contract: only /healthz and the test page; and Swagger UI's files for /docs.
     public = sorted(p for p, item in paths.items() if item["get" if "get" in item else "post"].get("security") == [])
-    assert public == ["/", "/healthz", "/static/{path}"]
+    assert public == ["/", "/docs/assets/{path}", "/healthz", "/static/{path}"]
+    assert {"tokenQuery": []} in paths["/docs"]["get"]["security"]
+
+
+def test_document_names_the_license_and_points_inside_the_repository(spec):
+    assert spec["info"]["license"] == {"name": "MIT", "identifier": "MIT"}
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert "docs/API.md" in spec["info"]["description"]
+    assert (ROOT / "docs" / "API.md").is_file()
+    assert "contract is API.md" not in spec["info"]["description"]
 
 
 async def test_served_document_is_the_file_and_needs_the_key(sim, bridge_factory, spec):
@@ -81,7 +91,10 @@ async def test_served_document_is_the_file_and_needs_the_key(sim, bridge_factory
         response = await keyed.fetch("/openapi.json")
         assert response.code == 200
         assert response.headers["Content-Type"].startswith("application/json")
-        assert ujson.loads(response.body) == spec
+        served = ujson.loads(response.body)
+        assert served["info"].pop("version") == __version__  # the one version, set when served
+        assert served["info"]["license"]["identifier"] == "MIT"
+        assert served == {**spec, "info": {k: v for k, v in spec["info"].items() if k != "version"}}
     finally:
         anonymous.close()
         keyed.close()

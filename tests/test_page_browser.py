@@ -1,4 +1,5 @@
-"""The test page in a real browser: Playwright (async API) driving Debian's Chromium.
+"""The test page, and the API reference at /docs, in a real browser: Playwright (async API)
+driving Debian's Chromium.
 
 Needs `pip install -r requirements-browser.txt` and `/usr/bin/chromium` (Debian package
 `chromium`); never a browser downloaded by `playwright install`. Without them the tests are
@@ -10,9 +11,13 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import ujson
 from PIL import Image
+
+from comfy_bridge_version import __version__
 
 from .conftest import ROOT, png_bytes
 
@@ -245,3 +250,61 @@ def test_requirements_browser_pins_playwright():
     assert "-r requirements-dev.txt" in lines
     assert any(line.startswith("playwright==") for line in lines)
     assert Path(ROOT / "static" / "index.html").is_file()
+
+
+# ----------------------------------------------------------------------- /docs
+
+class RequestLog:
+    """Every request the browser makes for the pages of a context (documents, scripts, fetches)."""
+
+    def __init__(self, context):
+        self.urls: list[str] = []
+        context.on("request", lambda request: self.urls.append(request.url))
+
+    def off_host(self, base: str) -> list[str]:
+        origin = urlsplit(base)
+        return [url for url in self.urls
+                if urlsplit(url).scheme not in ("data", "blob")
+                and (urlsplit(url).scheme, urlsplit(url).netloc) != (origin.scheme, origin.netloc)]
+
+
+def described_operations() -> int:
+    document = ujson.loads((ROOT / "handlers" / "openapi.json").read_text())
+    return sum(1 for item in document["paths"].values() for method in item if method in ("get", "post"))
+
+
+async def test_docs_page_renders_the_reference_with_no_request_to_another_host(browser, sim, bridge_factory):
+    running = await bridge_factory([sim], bridge_api_key="docs-key")
+    context, page, watch = await new_page(browser, viewport={"width": 1200, "height": 900})
+    requests = RequestLog(context)
+
+    # A browser without the key gets the form; the key it sends opens the reference.
+    await page.goto(running.url + "/docs")
+    await expect(page.locator("h1")).to_have_text("API key needed")
+    await page.get_by_label("API key").fill("docs-key")
+    await page.get_by_role("button", name="Open the API reference").click()
+
+    await expect(page.locator(".opblock")).to_have_count(described_operations())
+    await expect(page.locator(".info .title")).to_contain_text("ComfyUI bridge")
+    await expect(page.locator(".info .title .version").first).to_have_text(__version__)
+    await expect(page.locator(".info__license")).to_contain_text("MIT")
+    assert urlsplit(page.url).query == "", "the key stays in the address bar"
+    await expect(page.locator(".errors-wrapper")).to_have_count(0)
+
+    # "Try it out" reaches this bridge with the key, filled in by the page.
+    operation = page.locator("#operations-workflows-listWorkflows")
+    await operation.locator(".opblock-summary").click()
+    await operation.get_by_role("button", name="Try it out").click()
+    await operation.get_by_role("button", name="Execute").click()
+    live = operation.locator(".live-responses-table tbody .response-col_status")
+    await expect(live).to_have_text("200")
+    await expect(operation.locator(".live-responses-table tbody .response-col_description")).to_contain_text("invert")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "docs.png"), full_page=False)
+    assert requests.urls, "no request recorded"
+    assert requests.off_host(running.url) == []
+    assert any(url.endswith("/docs/assets/swagger-ui-bundle.js") for url in requests.urls)
+    assert any(url.endswith("/openapi.json") for url in requests.urls)
+    assert watch.errors == []  # a Content-Security-Policy violation would be logged here
+    await context.close()

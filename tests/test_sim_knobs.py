@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from io import BytesIO
 
 import pytest
@@ -429,3 +430,158 @@ async def test_prompt_times_are_recorded_in_order(sim):
     assert (id1, id2) == (first["prompt_id"], second["prompt_id"]) and ok1 and ok2
     assert start1 <= end1 <= start2 <= end2
     assert end2 - start2 >= 2 * sim.tick_seconds  # two ticks of SimSlowProgress
+
+
+# -- fault knobs ----------------------------------------------------------------------------
+
+TEXT_500 = b"500 Internal Server Error\n\nServer got itself in trouble"
+
+
+def is_injected_500(resp) -> bool:
+    return (resp.code == 500 and resp.body == TEXT_500
+            and resp.headers["Content-Type"] == "text/plain; charset=utf-8")
+
+
+async def test_poisoned_prompts_are_500_and_never_queued(sim):
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    sim.fail_prompts_containing = "POISON"
+    for path in ("/prompt", "/api/prompt"):
+        resp = await fetch(base(sim), path, "POST", {"prompt": slow_graph(steps=1, prefix="x_POISON_y"), "client_id": "c1"})
+        assert is_injected_500(resp), (resp.code, resp.body)
+    # a marker the client sent \u-escaped is found too
+    resp = await fetch(base(sim), "/prompt", "POST", json.dumps({"prompt": slow_graph(steps=1, prefix="POISÖN")}))
+    assert resp.code == 200  # not the marker
+    sim.fail_prompts_containing = ("POISÖN", "TOXIC")
+    for prefix in ("POISÖN", "TOXIC"):
+        resp = await fetch(base(sim), "/prompt", "POST", json.dumps({"prompt": slow_graph(steps=1, prefix=prefix)}))
+        assert is_injected_500(resp), prefix
+    assert sim.fault_log == [("poison", "POST", "/prompt"), ("poison", "POST", "/api/prompt"),
+                             ("poison", "POST", "/prompt"), ("poison", "POST", "/prompt")]
+    # none of them was queued, and the counter only moved for the one that was accepted
+    ok = await post_prompt(sim, slow_graph(steps=1, prefix="clean"), "c1")
+    assert ok["number"] == 1
+    await ws.wait_prompt_done(ok["prompt_id"])
+    assert [d["prompt_id"] for d in data_of(ws, "execution_start")][-1] == ok["prompt_id"]
+    assert len(await get_json(sim, "/history")) == 2  # the clean one and the not-quite-marker one
+    assert not sim.executions_containing("POISON") and not sim.executions_containing("TOXIC")
+    sim.fail_prompts_containing = None
+    assert (await fetch(base(sim), "/prompt", "POST", {"prompt": slow_graph(steps=1, prefix="POISON")})).code == 200
+    await ws.close()
+
+
+async def test_fail_every_nth_call_per_route(sim):
+    pid = (await post_prompt(sim, slow_graph(steps=1, prefix="f")))["prompt_id"]
+    await wait_until(lambda: pid in sim.executed_prompts)
+    entry = (await get_json(sim, f"/history/{pid}"))[pid]
+    image = entry["outputs"]["3"]["images"][0]
+    view = f"/view?filename={image['filename']}&type=output"
+    sim.fail_every = {"history": 3, "view": 2}
+    codes = []
+    for path in (f"/history/{pid}", "/api/history", f"/history/{pid}", view, f"/api/history/{pid}", view,
+                 "/history?max_items=1", "/queue", view, view, "/history"):
+        codes.append((await fetch(base(sim), path)).code)
+    # history calls 3 and 6 fail, view calls 2 and 4; /queue is not counted
+    assert codes == [200, 200, 500, 200, 200, 500, 200, 200, 200, 500, 500]
+    assert sim.fault_counts == {"history": 6, "view": 4}
+    assert [k for k, _, _ in sim.fault_log] == ["fail_every"] * 4
+    # a failing request did nothing: history is still whole
+    assert (await get_json(sim, f"/history/{pid}"))[pid]["outputs"] == entry["outputs"]
+    # a method in the key narrows what is counted; assigning again restarts the counts
+    sim.fail_every = {"GET history": 1}
+    assert sim.fault_counts == {}
+    assert is_injected_500(await fetch(base(sim), f"/history/{pid}"))
+    assert (await fetch(base(sim), "/history", "POST", {"delete": ["nothing"]})).code == 200
+    sim.fail_every = {"ws": 1}  # the websocket upgrade itself
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    assert is_injected_500(await fetch(base(sim), "/ws?clientId=c1", headers=upgrade))
+    assert sim.websocket_count == 0
+    sim.clear_faults()
+    assert (await fetch(base(sim), f"/history/{pid}")).code == 200
+    for bad in ({"hist": 2}, {"history": 0}, {"GET history now": 1}):
+        with pytest.raises(ValueError):
+            sim.fail_every = bad
+
+
+async def test_stall_next_delays_only_those_calls_and_blocks_nothing(sim):
+    sim.stall_next("history", seconds=0.4, count=2)
+    started = time.monotonic()
+    first = asyncio.ensure_future(fetch(base(sim), "/history"))
+    await wait_until(lambda: sim.stalling == 1, what="the first stall")
+    second = asyncio.ensure_future(fetch(base(sim), "/api/history/x"))
+    await wait_until(lambda: sim.stalling == 2, what="the second stall")
+    # the loop goes on: other routes answer, a prompt runs to its end
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    pid = (await post_prompt(sim, slow_graph(steps=2), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(pid)
+    assert not first.done() and not second.done()
+    third = await fetch(base(sim), "/history?max_items=1")  # count=2: the third is not stalled
+    assert third.code == 200 and pid in json.loads(third.body)
+    assert not first.done()
+    # the stalled ones answer after their time, with the state of when they resume
+    first, second = await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT)
+    assert time.monotonic() - started >= 0.4
+    assert first.code == 200 and pid in json.loads(first.body)
+    assert second.code == 200 and json.loads(second.body) == {}
+    assert sim.stalling == 0 and [k for k, _, _ in sim.fault_log] == ["stall", "stall"]
+    await ws.close()
+
+
+async def test_release_stalls_lets_stalled_requests_go(sim):
+    sim.stall_next("GET queue", seconds=60, count=3)
+    stalled = [asyncio.ensure_future(fetch(base(sim), "/queue")) for _ in range(2)]
+    await wait_until(lambda: sim.stalling == 2, what="two stalls")
+    assert (await fetch(base(sim), "/queue", "POST", {"clear": True})).code == 200  # POSTs are not stalled
+    sim.release_stalls()
+    answers = await asyncio.wait_for(asyncio.gather(*stalled), TIMEOUT)
+    assert [r.code for r in answers] == [200, 200] and sim.stalling == 0
+    third = asyncio.ensure_future(fetch(base(sim), "/queue"))  # the stall left over still applies
+    await wait_until(lambda: sim.stalling == 1, what="the third stall")
+    sim.clear_faults()  # clears what is pending, not what runs
+    sim.release_stalls()
+    assert (await asyncio.wait_for(third, TIMEOUT)).code == 200
+    assert (await fetch(base(sim), "/queue")).code == 200 and sim.stalling == 0
+
+
+async def test_crash_during_a_stall_drops_the_request(sim):
+    sim.stall_next("GET view", seconds=30)
+    pending = asyncio.ensure_future(fetch(base(sim), "/view?filename=x.png", timeout=TIMEOUT))
+    await wait_until(lambda: sim.stalling == 1, what="the stall")
+    await sim.crash()
+    resp = await asyncio.wait_for(pending, TIMEOUT)
+    assert resp.code == 599  # no answer at all
+    await wait_until(lambda: sim.stalling == 0, what="the stall to end")
+    await sim.restart()
+    assert (await fetch(base(sim), "/view?filename=x.png")).code == 404  # the stall was used up
+    with pytest.raises(ValueError):
+        sim.stall_next("nowhere", seconds=1)
+
+
+# -- execution counter -----------------------------------------------------------------------
+
+async def test_executions_count_real_runs_only(sim):
+    await upload(base(sim), "src.png", png_bytes())
+    ws = await WSClient.connect(ws_base(sim), "c1")
+    first = (await post_prompt(sim, invert_graph(prefix="MARK_a"), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(first)
+    cached = (await post_prompt(sim, invert_graph(prefix="MARK_a"), "c1"))["prompt_id"]
+    await ws.wait_prompt_done(cached)
+    assert data_of(ws, "execution_cached", prompt_id=cached)[0]["nodes"] == ["1", "2", "3"]
+    blocker = (await post_prompt(sim, slow_graph(steps=5000), "c1"))["prompt_id"]
+    await ws.wait_message("progress", prompt_id=blocker)
+    dropped = (await post_prompt(sim, slow_graph(steps=1, prefix="dropped"), "c1"))["prompt_id"]
+    await fetch(base(sim), "/queue", "POST", {"delete": [dropped]})
+    sim.fail_next_oom(1)
+    oom = (await post_prompt(sim, invert_graph(prefix="MARK_b"), "c1"))["prompt_id"]
+    await fetch(base(sim), "/interrupt", "POST", {"prompt_id": blocker})
+    await ws.wait_prompt_done(oom)
+    assert data_of(ws, "execution_error", prompt_id=oom)
+    # the cached and the deleted prompt never executed; the interrupted and the failed one did
+    assert sim.executions == [first, blocker, oom]
+    assert sim.executions.count(first) == 1 and cached not in sim.executions
+    assert sim.executions_containing("MARK_") == [first, oom]
+    first_run, blocker_run, oom_run = sim.execution_records
+    assert first_run.prompt_id == first and first_run.nodes == ["1", "2", "3"]
+    assert blocker_run.nodes == ["1", "2"] and oom_run.nodes == ["3"]  # 1 and 2 were cached for it
+    assert first_run.extra_data["client_id"] == "c1"
+    await ws.close()

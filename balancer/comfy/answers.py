@@ -129,3 +129,42 @@ def refuses_prompt_id(body) -> bool:
     canonical UUID)."""
     error = body.get("error") if isinstance(body, dict) else None
     return isinstance(error, dict) and error.get("type") == "invalid_prompt_id"
+
+
+# Marks of a list input the user uploads into: its choices are the server's input folder.
+UPLOAD_MARKS = ("image_upload", "video_upload", "audio_upload", "file_upload")
+
+
+def input_spec(object_info, class_type: str, name: str):
+    """One input's entry in a GET /object_info answer (``["INT", {...}]``), or None."""
+    node = object_info.get(class_type) if isinstance(object_info, dict) else None
+    inputs = node.get("input") if isinstance(node, dict) else None
+    if not isinstance(inputs, dict):
+        return None
+    for section in ("required", "optional"):
+        part = inputs.get(section)
+        if isinstance(part, dict) and name in part:
+            return part[name]
+    return None
+
+
+def input_limits(spec) -> dict:
+    """What a form needs from one input's object_info entry: ``min``/``max``/``step`` (those
+    given) for INT and FLOAT; ``choices`` for a list, written ``[["a", "b"], {...}]`` by older
+    servers and ``["COMBO", {"options": ["a", "b"]}]`` by newer ones, except a list the user
+    uploads into. {} when there is nothing to say."""
+    if not isinstance(spec, (list, tuple)) or not spec:
+        return {}
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if kind in ("INT", "FLOAT"):
+        return {key: options[key] for key in ("min", "max", "step") if _finite(options.get(key))}
+    choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
+    if not isinstance(choices, list) or any(options.get(mark) for mark in UPLOAD_MARKS):
+        return {}
+    return {"choices": list(choices)}
+
+
+def _finite(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value == value and value not in (float("inf"), float("-inf")))

@@ -36,6 +36,7 @@ HEALTH_MISSES_ALLOWED = 2
 # Failed calls in a row, with no answer between, that make a backend down (Envoy's outlier
 # detection ejects a host after 5 consecutive 5xx). A refused or lost connection needs one.
 FAILURES_BEFORE_DOWN = 5
+UNREACHABLE_LOG_EVERY = 60.0
 
 
 class PromptListener(Protocol):
@@ -89,6 +90,7 @@ class Backend:
         self._supervisor: asyncio.Task | None = None
         self._closing = False
         self._connected_event = asyncio.Event()
+        self._unreachable_logged = float("-inf")
 
     # ------------------------------------------------------------------ slots and statistics
     @property
@@ -191,10 +193,9 @@ class Backend:
                     self._ws.close()
             except (BackendUnavailable, BackendRejected, OSError, websocket.WebSocketError,
                     httpclient.HTTPError, asyncio.TimeoutError) as exc:
-                self.stats.last_error = self.stats.last_error or str(exc)
-                log.debug("backend %s not reachable yet: %s", self.address, exc)
+                self._unreachable(str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, PROBE_BACKOFF_MAX)
+                delay = min(delay * 2, PROBE_BACKOFF_MAX, self.health_interval)
                 continue
             delay = PROBE_BACKOFF_START
             health = asyncio.get_running_loop().create_task(self._watch_health())
@@ -204,6 +205,15 @@ class Backend:
                 health.cancel()
             if not self._closing:
                 self.mark_down("websocket closed")
+
+    def _unreachable(self, reason: str) -> None:
+        """Say why the backend cannot be reached: at once when the reason is new, then at most
+        once a minute (a bridge pointed at a wrong port must say so, not fill the log)."""
+        now = time.monotonic()
+        if reason != self.stats.last_error or now - self._unreachable_logged >= UNREACHABLE_LOG_EVERY:
+            log.warning("backend %s cannot be reached: %s", self.address, reason)
+            self._unreachable_logged = now
+        self.stats.last_error = reason
 
     async def _watch_health(self) -> None:
         """A hung server keeps its sockets open and answers websocket pings from its event
@@ -228,6 +238,7 @@ class Backend:
         await self.http.call("GET", "/system_stats", timeout=CONNECT_TIMEOUT)
         info = await self.http.call("GET", "/object_info", timeout=max(self.request_timeout, CONNECT_TIMEOUT))
         if isinstance(info, dict):
+            self.object_info = info  # kept for the inputs' limits (balancer/intake.py)
             self.node_classes = frozenset(info)
             self.output_classes = frozenset(
                 name for name, spec in info.items() if isinstance(spec, dict) and spec.get("output_node"))
@@ -241,6 +252,7 @@ class Backend:
         self.accepts_prompt_ids = True
         self.has_cancel_route = None
         self.stats.consecutive_failures = 0
+        self.stats.last_error = ""
         self.up = True
         self.state_since = time.time()
         log.info("backend %s is up (%d node classes)", self.address, len(self.node_classes))

@@ -15,6 +15,7 @@ from typing import Callable
 
 import ujson
 from tornado import httpclient
+from tornado.simple_httpclient import HTTPTimeoutError
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
@@ -151,7 +152,7 @@ class Transport:
             response = await client.fetch(request, raise_error=False)
         except (OSError, StreamClosedError, asyncio.TimeoutError, httpclient.HTTPClientError) as exc:
             # raise_error=False covers HTTP statuses only; timeouts and resets still raise.
-            response, reason, fatal = None, str(exc) or type(exc).__name__, _connection_lost(exc)
+            response, reason, fatal = None, _describe(exc, request), _connection_lost(exc)
         else:
             reason = f"HTTP {response.code}"
         if response is not None and (400 <= response.code < 500 or (refusable and response.code >= 500)):
@@ -160,6 +161,16 @@ class Transport:
         if response is None or response.code >= 500:
             raise BackendUnavailable(f"{what}: {reason}", fatal=fatal)
         return response
+
+
+def _describe(exc: BaseException, request: httpclient.HTTPRequest) -> str:
+    """Why a request got no answer, in words an operator acts on."""
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, ConnectionRefusedError) or code in (7, errno.ECONNREFUSED):
+        return "connection refused"
+    if isinstance(exc, (asyncio.TimeoutError, HTTPTimeoutError)) or code == 28:
+        return f"no answer within {request.request_timeout:g}s"
+    return str(exc) or type(exc).__name__
 
 
 def _connection_lost(exc: BaseException) -> bool:
