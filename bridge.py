@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tornado import httpserver, web
+from tornado import web
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
@@ -27,6 +27,7 @@ import handlers
 from comfy_bridge_data import is_checkout, static_dir, workflows_dir
 from comfy_bridge_version import __version__
 from handlers.base import SERVER_MAX_BODY
+from handlers.connections import BridgeHTTPServer
 from logs import configure_logging, log_request
 from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
@@ -35,6 +36,7 @@ from settings import (Settings, SettingsError, add_arguments, load_settings, ove
                       setting_source)
 from storage.catalog import WorkflowCatalog
 from storage.jobstore import JobStore
+from storage.lock import DataDirInUse, DataDirLock
 from storage.results import ResultStore
 from storage.state import StateFile
 from storage.sweep import sweep_disk
@@ -48,8 +50,10 @@ SWEEP_INTERVAL = 60.0
 class Bridge:
     """Every long-lived object, built once; `start()` listens, `stop()` shuts down cleanly."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, lock: DataDirLock | None = None):
         self.settings = settings
+        # First of all: one bridge per data folder (DataDirInUse otherwise).
+        self.lock = lock or DataDirLock(settings.data_dir).acquire()
         self.state = StateFile(settings.current_state)
         self.catalog = WorkflowCatalog(settings.workflow_dir, settings.workflow_alias)
         self.uploads = UploadStore(settings.uploads_dir, settings.upload_max_bytes)
@@ -71,12 +75,16 @@ class Bridge:
             websocket_ping_interval=20, websocket_ping_timeout=20,
             websocket_max_message_size=64 * 1024,
         )
-        self.server: httpserver.HTTPServer | None = None
+        self.server: BridgeHTTPServer | None = None
         self.port: int | None = None
         self._sweeper: PeriodicCallback | None = None
         self._queue_watch: PeriodicCallback | None = None
 
-    async def start(self, port: int | None = None, host: str | None = None) -> int:
+    async def start(self, port: int | None = None, host: str | None = None, sockets: list | None = None) -> int:
+        """Listens on `sockets` (bound by the caller) or binds `port` on `host` first of all."""
+        if sockets is None:
+            port = self.settings.port if port is None else port
+            sockets = bind_sockets(port, host if host is not None else self.settings.host)
         self.service.start()
         self.service.restore(self._stored_jobs)
         self._stored_jobs = []
@@ -90,14 +98,12 @@ class Bridge:
             self._queue_watch = PeriodicCallback(lambda: self.service.expire_waiting(time.time()),
                                                  min(1000.0, self.settings.queue_timeout * 250))
             self._queue_watch.start()
-        # A client that is slow to send its headers or its body is dropped (HEADER_TIMEOUT,
-        # BODY_TIMEOUT). Bodies above SERVER_MAX_BODY are refused unread; /upload raises its own.
-        self.server = httpserver.HTTPServer(
+        # A client that is slow to send its headers or silent in the middle of a body is dropped
+        # (HEADER_TIMEOUT, BODY_TIMEOUT). Bodies above SERVER_MAX_BODY are refused unread;
+        # /upload raises its own. Early answers, header limits: handlers/connections.py.
+        self.server = BridgeHTTPServer(
             self.app, xheaders=False, idle_connection_timeout=self.settings.header_timeout,
-            body_timeout=self.settings.body_timeout, max_body_size=SERVER_MAX_BODY,
-            max_header_size=64 * 1024)
-        port = self.settings.port if port is None else port
-        sockets = bind_sockets(port, host if host is not None else self.settings.host)
+            body_silence=self.settings.body_timeout, max_body_size=SERVER_MAX_BODY)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         for alias, reason in self.catalog.load_errors().items():
@@ -128,6 +134,7 @@ class Bridge:
         await self.state.flush()
         if self.server is not None:
             await self.server.close_all_connections()
+        self.lock.release()
 
 
 async def start_demo_backends(count: int = 2, tick_seconds: float = 0.1) -> list:
@@ -153,14 +160,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(settings: Settings, demo: bool) -> None:
+async def serve(settings: Settings, demo: bool, lock: DataDirLock, sockets: list) -> None:
     sims = []
     if demo:
         sims = await start_demo_backends()
         settings = settings.replace(comfyui_servers=tuple(sim.address for sim in sims))
         log.info("demo: simulated ComfyUI backends at %s", ", ".join(settings.comfyui_servers))
-    bridge = Bridge(settings)
-    port = await bridge.start()
+    bridge = Bridge(settings, lock)
+    port = await bridge.start(sockets=sockets)
     if demo:
         print(demo_banner(settings, port), flush=True)
     stop = asyncio.Event()
@@ -214,7 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bridge: bad setting: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.logging_level, settings.bridge_api_key)
-    asyncio.run(serve(settings, args.demo))
+    # Before anything starts: the data folder is ours, and so is the port.
+    try:
+        lock = DataDirLock(settings.data_dir).acquire()
+    except DataDirInUse as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sockets = bind_sockets(settings.port, settings.host)
+    except OSError as exc:
+        lock.release()
+        print(f"bridge: cannot listen on HOST={settings.host} PORT={settings.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings, args.demo, lock, sockets))
     return 0
 
 

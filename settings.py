@@ -132,8 +132,9 @@ OPTIONS: tuple[Option, ...] = (
            "seconds between health probes of a backend (also the probe's timeout)"),
     Option("HEADER_TIMEOUT", "60", _positive_float,
            "seconds a client may take to send a request's headers (also the keep-alive idle limit)"),
-    Option("BODY_TIMEOUT", "300", _positive_float,
-           "seconds a client may take to send a request's body (an upload included)"),
+    Option("BODY_TIMEOUT", "60", _positive_float,
+           "seconds a client may be silent in the middle of a request's body (an upload "
+           "included) before it is dropped; no limit on the body's total time"),
     Option("BRIDGE_API_KEY", "", _text, "when set, clients must send this key"),
     Option("CORS_ORIGINS", "", _origins, "comma-separated browser origins allowed (CORS)"),
 )

@@ -225,8 +225,8 @@ class JsonHandler(AccessMixin, web.RequestHandler):
         if self._body is None:
             return
         if len(self._body) + len(chunk) > MAX_JSON_BODY:
-            # The rest is read and dropped, then json_body() answers 413: answering now would
-            # close the connection under a client still sending, which then never sees the reply.
+            # The rest is read and dropped, then json_body() answers 413 on a connection that
+            # stays usable (answering now, with the length unknown, would close it).
             self._body, self._body_too_large = None, True
             return
         self._body += chunk

@@ -65,7 +65,7 @@ class UploadHandler(JsonHandler):
             return 0
 
     def _refuse(self, error: ApiError) -> None:
-        """Answer now, mid-body; the rest of the body is read and dropped."""
+        """Answer now, mid-body; the rest of the body is read and dropped (connections.py)."""
         self.receiver.abort()
         self.receiver = None
         self.send_error(error.status_code, exc_info=(ApiError, error, None))

@@ -4,7 +4,8 @@ Fixtures:
 - `sim_factory`: `await sim_factory(name=..., tick_seconds=...)` starts a SimulatedComfy;
   all are stopped at teardown.
 - `bridge_factory`: `await bridge_factory(sims, **settings)` starts a Bridge (tmp DATA_DIR,
-  the repo's workflows) in front of those simulators; returns a `RunningBridge`.
+  the repo's workflows) in front of those simulators; returns a `RunningBridge`. One bridge
+  per DATA_DIR: `await running.stop()` before starting another on the same one.
 - `sim`, `bridge`: one simulator and a bridge in front of it, ready (backend up).
 - `api`: an `Api` client bound to `bridge` (HTTP + websocket helpers with timeouts).
 - `sim_profile`: the profile the `sim` fixture imitates. None (= the simulator's default)
@@ -199,6 +200,7 @@ class RunningBridge:
         self.port = port
         self.sims = sims
         self.url = f"http://127.0.0.1:{port}"
+        self.stopped = False
 
     @property
     def service(self):
@@ -206,6 +208,12 @@ class RunningBridge:
 
     def api(self, api_key: str | None = None) -> Api:
         return Api(self.url, api_key)
+
+    async def stop(self) -> None:
+        """Stop it before the test ends (e.g. to start another on its DATA_DIR)."""
+        if not self.stopped:
+            self.stopped = True
+            await self.bridge.stop()
 
 
 @pytest.fixture
@@ -257,7 +265,7 @@ async def bridge_factory(tmp_path):
 
     yield make
     for handle in running:
-        await handle.bridge.stop()
+        await handle.stop()
 
 
 @pytest.fixture

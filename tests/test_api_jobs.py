@@ -164,7 +164,7 @@ async def test_generation_count_counts_successes_and_persists(api, bridge, bridg
         client_id, _ = await run_invert(api)
         await api.wait_status(client_id, "closed")
     assert (await api.fetch("/generation-count")).body == b"2"
-    await bridge.bridge.state.flush()
+    await bridge.stop()  # one bridge per data folder
     data_dir = bridge.bridge.settings.data_dir
     again = await bridge_factory([sim], data_dir=str(data_dir))
     client = again.api()

@@ -176,3 +176,43 @@ async def test_the_nowait_frame_writer_still_works_with_this_tornado():
     finally:
         server.stop()
         await server.close_all_connections()
+
+
+async def test_on_read_limit_hands_over_the_socket_before_tornado_closes_it():
+    """handlers/tornado_shim.py relies on tornado closing a stream whose read went past its
+    max_bytes through `stream.close(UnsatisfiableReadError)`: the callback must run while the
+    socket is still open (a dup of it stays usable after tornado's close), for a read that was
+    already waiting as for one the buffered bytes fail at once; any other close calls nothing."""
+    import socket
+
+    from tornado.iostream import IOStream, StreamClosedError
+
+    from handlers.tornado_shim import on_read_limit
+
+    for data_first in (False, True):
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(5)
+        stream = IOStream(ours)
+        taken = []
+        on_read_limit(stream, lambda: taken.append(stream.socket.dup()))
+        if data_first:
+            theirs.sendall(b"x" * 100)  # a socketpair: in our buffer when sendall returns
+        read = stream.read_until_regex(b"\r?\n\r?\n", max_bytes=64)
+        if not data_first:
+            theirs.sendall(b"x" * 100)
+        try:
+            await asyncio.wait_for(read, 5)
+        except StreamClosedError:
+            pass
+        assert stream.closed() and len(taken) == 1, data_first
+        taken[0].sendall(b"answer")
+        taken[0].close()
+        assert theirs.recv(100) == b"answer"
+        theirs.close()
+    ours, theirs = socket.socketpair()
+    stream = IOStream(ours)
+    called = []
+    on_read_limit(stream, lambda: called.append(1))
+    stream.close()
+    theirs.close()
+    assert called == []

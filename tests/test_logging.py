@@ -131,18 +131,24 @@ def test_logging_level_applies(root_logging):
     assert len(ours) == 1  # configuring again replaces, never doubles every line
 
 
+LOOPBACK = ("--host", "127.0.0.1", "--port", "0")  # main() binds before it serves
+
+
 def test_main_takes_the_level_from_logging_level(root_logging, monkeypatch, tmp_path):
     seen = {}
 
-    async def fake_serve(settings, demo):
+    async def fake_serve(settings, demo, lock, sockets):
         seen["level"] = settings.logging_level
+        for sock in sockets:
+            sock.close()
+        lock.release()
 
     monkeypatch.setattr(bridge_module, "serve", fake_serve)
     monkeypatch.setenv("LOGGING_LEVEL", "ERROR")
     code = bridge_module.main(["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path),
-                               "--comfyui-servers", "127.0.0.1:1"])
+                               "--comfyui-servers", "127.0.0.1:1", *LOOPBACK])
     assert code == 0 and seen["level"] == "ERROR"
     assert root_logging.level == logging.ERROR
     code = bridge_module.main(["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path),
-                               "--comfyui-servers", "127.0.0.1:1", "--logging-level", "DEBUG"])
+                               "--comfyui-servers", "127.0.0.1:1", "--logging-level", "DEBUG", *LOOPBACK])
     assert code == 0 and root_logging.level == logging.DEBUG
