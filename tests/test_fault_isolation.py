@@ -191,18 +191,24 @@ async def test_a_server_that_refuses_client_prompt_ids_is_let_to_choose():
     assert ["prompt_id" in body for body in sent] == [True, False, False]
 
 
+async def interrupt_a_running_job(api, bridge) -> str:
+    """Start a slow job, wait until it runs, POST /interrupt it; returns its prompt id."""
+    client_id = new_client_id()
+    saved = await api.upload(png_bytes())
+    await api.generate(client_id, {"workflow": "slow-progress", "1/image": saved, "2/steps": 200})
+    await wait_for(lambda: bridge.service.get(client_id).percent > 0, what="job running")
+    prompt_id = bridge.service.get(client_id).prompt_id
+    await api.json(f"/interrupt?clientId={client_id}", "POST")
+    return prompt_id
+
+
 async def test_cancel_route_is_tried_once_per_backend_that_lacks_it(sim_factory, bridge_factory):
     old = await sim_factory(name="old", profile="0.3.64")
     bridge = await bridge_factory([old])
     api = bridge.api()
     old.tick_seconds = 0.05
     for _ in range(2):
-        client_id = new_client_id()
-        saved = await api.upload(png_bytes())
-        await api.generate(client_id, {"workflow": "slow-progress", "1/image": saved, "2/steps": 200})
-        await wait_for(lambda: bridge.service.get(client_id).percent > 0, what="job running")
-        prompt_id = bridge.service.get(client_id).prompt_id
-        await api.json(f"/interrupt?clientId={client_id}", "POST")
+        prompt_id = await interrupt_a_running_job(api, bridge)
         await wait_for(lambda: prompt_id in old.interrupt_calls, what="targeted interrupt")
     tries = [p for m, p, _ in old.requests_log if m == "POST" and p.endswith("/cancel")]
     assert len(tries) == 1 and None not in old.interrupt_calls
@@ -213,12 +219,7 @@ async def test_current_servers_are_cancelled_through_their_atomic_route(sim, bri
     assert sim.profile == "current"
     api = bridge.api()
     sim.tick_seconds = 0.05
-    client_id = new_client_id()
-    saved = await api.upload(png_bytes())
-    await api.generate(client_id, {"workflow": "slow-progress", "1/image": saved, "2/steps": 200})
-    await wait_for(lambda: bridge.service.get(client_id).percent > 0, what="job running")
-    prompt_id = bridge.service.get(client_id).prompt_id
-    await api.json(f"/interrupt?clientId={client_id}", "POST")
+    prompt_id = await interrupt_a_running_job(api, bridge)
     await wait_for(lambda: (prompt_id, "interrupted") in sim.cancel_calls, what="atomic cancel")
     assert sim.interrupt_calls == []   # no read-then-interrupt window
     assert not any(m == "GET" and p.endswith("/queue") for m, p, _ in sim.requests_log)
