@@ -90,13 +90,18 @@ def http_error(exc: BaseException) -> ApiError | None:
     return None
 
 
-def write_detail(handler: web.RequestHandler, status: int, detail: str, headers: dict | None = None) -> None:
+def detail_body(detail: str) -> bytes:
     """Every error body of the bridge: `{"detail": ...}` as JSON."""
+    return to_json_bytes({"detail": detail})
+
+
+def write_detail(handler: web.RequestHandler, status: int, detail: str, headers: dict | None = None) -> None:
+    """Answer with an error body (handlers; connections.py writes its own answers)."""
     handler.set_status(status)
     for name, value in (headers or {}).items():
         handler.set_header(name, value)
     handler.set_header("Content-Type", "application/json; charset=utf-8")
-    handler.finish(to_json_bytes({"detail": detail}))
+    handler.finish(detail_body(detail))
 
 
 def api_key_matches(settings, headers, query_token: str | None = None) -> bool:

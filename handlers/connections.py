@@ -33,7 +33,7 @@ from typing import Awaitable
 from tornado import httpserver, httputil
 from tornado.iostream import IOStream, StreamClosedError
 
-from .base import to_json_bytes
+from .base import detail_body
 from .tornado_shim import on_read_limit
 
 log = logging.getLogger("bridge.http")
@@ -82,7 +82,7 @@ class BridgeHTTPServer(httpserver.HTTPServer):
             return  # not the header block (a malformed chunked body): tornado's close stands
         self._awaiting_headers.discard(stream)
         log.warning("431 from %s: header block over %d bytes", _peer(stream), MAX_HEADER_BYTES)
-        body = _detail_body(f"request headers are over {MAX_HEADER_BYTES} bytes")
+        body = detail_body(f"request headers are over {MAX_HEADER_BYTES} bytes")
         head = (f"HTTP/1.1 {_TOO_LARGE[0]} {_TOO_LARGE[1]}\r\n"
                 f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n").encode()
@@ -222,7 +222,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         return None
 
     def _answer_directly(self, status: tuple[int, str], detail: str) -> None:
-        body = _detail_body(detail)
+        body = detail_body(detail)
         self._must_close = True
         headers = httputil.HTTPHeaders({"Content-Type": "application/json; charset=utf-8",
                                         "Content-Length": str(len(body))})
@@ -285,10 +285,6 @@ class _Reply:
 
     def __getattr__(self, name):
         return getattr(self._conn, name)
-
-
-def _detail_body(detail: str) -> bytes:
-    return to_json_bytes({"detail": detail})
 
 
 def _peer(stream: IOStream) -> str:

@@ -163,6 +163,8 @@ class Backend:
         stats.consecutive_failures += 1
         stats.call_failures += 1
         stats.last_failure = reason
+        if not self.up:
+            return  # already down: the supervisor says why it cannot reconnect
         if fatal:
             self.mark_down(reason)
         elif stats.consecutive_failures >= FAILURES_BEFORE_DOWN:
@@ -223,7 +225,8 @@ class Backend:
         while self.up:
             await asyncio.sleep(self.health_interval)
             try:
-                await self.http.call("GET", "/system_stats", timeout=self.health_interval, counts=False)
+                await self.http.call("GET", "/system_stats", timeout=self.health_interval, counts=False,
+                                     retry=False)
                 misses = 0
             except BackendUnavailable as exc:
                 misses += 1
@@ -235,8 +238,10 @@ class Backend:
                 return
 
     async def _connect(self) -> None:
-        await self.http.call("GET", "/system_stats", timeout=CONNECT_TIMEOUT)
-        info = await self.http.call("GET", "/object_info", timeout=max(self.request_timeout, CONNECT_TIMEOUT))
+        # Not retried here: the supervisor tries again, with backoff.
+        await self.http.call("GET", "/system_stats", timeout=CONNECT_TIMEOUT, retry=False)
+        info = await self.http.call("GET", "/object_info", timeout=max(self.request_timeout, CONNECT_TIMEOUT),
+                                    retry=False)
         if isinstance(info, dict):
             self.object_info = info  # kept for the inputs' limits (balancer/intake.py)
             self.node_classes = frozenset(info)

@@ -24,7 +24,8 @@ CHUNK = 256 * 1024
 UPLOAD_SUBFOLDER = "bridge"
 # Slow links: allow at least this many bytes per second before an upload times out.
 MIN_TRANSFER_RATE = 1024 * 1024
-# A download ends on BACKEND_TIMEOUT seconds of silence; this only bounds a trickle.
+# A download ends on BACKEND_TIMEOUT seconds of silence (libcurl measures speed over its last few
+# seconds, so up to ~5 s more); this total only bounds a trickle.
 DOWNLOAD_TOTAL_TIMEOUT = 6 * 3600.0
 
 

@@ -53,12 +53,17 @@ def json_or_none(body: bytes | None):
         return None
 
 
+try:
+    import pycurl
+    from tornado.curl_httpclient import CurlAsyncHTTPClient
+except ImportError:  # pycurl missing: correct, only slower, and downloads have a total limit only
+    pycurl = CurlAsyncHTTPClient = None
+
+
 def _keepalive_client(max_clients: int) -> httpclient.AsyncHTTPClient:
     """libcurl keeps connections to the backend open between calls; tornado's simple client
     opens a new one per call, which was the largest cost per job on loopback (BENCHMARKS.md)."""
-    try:
-        from tornado.curl_httpclient import CurlAsyncHTTPClient
-    except ImportError:  # pycurl missing: correct, only slower
+    if CurlAsyncHTTPClient is None:
         return httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
     return CurlAsyncHTTPClient(force_instance=True, max_clients=max_clients)
 
@@ -100,22 +105,22 @@ class Transport:
     def silence_limited(self, request: httpclient.HTTPRequest, silence: float) -> httpclient.HTTPRequest:
         """A long transfer (a large video on a slow link) times out on `silence` seconds without
         a byte, not on its total time (libcurl's low-speed limit; the total stays as set)."""
-        if self._http.__class__.__name__ == "CurlAsyncHTTPClient":
+        if CurlAsyncHTTPClient is not None and isinstance(self._http, CurlAsyncHTTPClient):
             def prepare(curl) -> None:
-                import pycurl
                 curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
                 curl.setopt(pycurl.LOW_SPEED_TIME, max(1, int(silence)))
             request.prepare_curl_callback = prepare
         return request
 
     async def call(self, method: str, path: str, body=None, *, timeout: float | None = None,
-                   counts: bool = True, refusable: bool = False):
-        """One JSON call: JSON in, JSON out. GETs are reads, retried on failure. With
-        `refusable`, a 5xx answer is this request's refusal (BackendRejected), not a sign of
-        trouble: one prompt that makes ComfyUI fail must not make it look dead."""
+                   counts: bool = True, retry: bool | None = None, refusable: bool = False):
+        """One JSON call: JSON in, JSON out. GETs are reads, retried on failure unless `retry`
+        is False (a probe keeps its own score and its own pace). With `refusable`, a 5xx answer
+        is this request's refusal (BackendRejected), not a sign of trouble: one prompt that
+        makes ComfyUI fail must not make it look dead."""
         request = self.request(method, path, body, timeout=timeout)
-        response = await self.fetch(request, f"{method} {path}", counts, retry=method == "GET",
-                                    refusable=refusable)
+        response = await self.fetch(request, f"{method} {path}", counts,
+                                    retry=method == "GET" if retry is None else retry, refusable=refusable)
         return json_or_none(response.body)
 
     async def fetch(self, request: httpclient.HTTPRequest, what: str, counts: bool = True,
