@@ -8,7 +8,7 @@ import pytest
 
 from balancer.comfy import api as comfy_api
 from balancer.comfy.backend import FAILURES_BEFORE_DOWN, Backend
-from balancer.comfy.http import BackendRejected
+from balancer.comfy.http import BackendRejected, BackendUnavailable
 from tests.conftest import new_client_id, png_bytes, stopped_by_id, wait_for
 
 
@@ -18,9 +18,9 @@ def record_downs(bridge) -> list[str]:
     for backend in bridge.service.backends:
         original = backend.mark_down
 
-        def mark_down(reason, original=original, address=backend.address):
-            if bridge.service.backends and any(b.address == address and b.up for b in bridge.service.backends):
-                downs.append(f"{address}: {reason}")
+        def mark_down(reason, original=original, backend=backend):
+            if backend.up:  # a real transition, not a repeat while it is down
+                downs.append(f"{backend.address}: {reason}")
             original(reason)
         backend.mark_down = mark_down
     return downs
@@ -124,7 +124,7 @@ async def test_failures_in_a_row_show_in_status_and_metrics_and_then_make_it_dow
     backend = bridge.service.backends[0]
     sim.fail_every = {"GET queue": 1}
     for _ in range(2):
-        with pytest.raises(Exception):
+        with pytest.raises(BackendUnavailable):
             await comfy_api.prompts_on_backend(backend)
     status = await api.json("/status")
     assert status["backends"][0]["consecutive_failures"] == 2
@@ -133,7 +133,7 @@ async def test_failures_in_a_row_show_in_status_and_metrics_and_then_make_it_dow
     metrics = (await api.fetch("/metrics")).body.decode()
     assert f'bridge_backend_consecutive_failures{{backend="{sim.address}"}} 2.0' in metrics
     for _ in range(FAILURES_BEFORE_DOWN - 2):
-        with pytest.raises(Exception):
+        with pytest.raises(BackendUnavailable):
             await comfy_api.prompts_on_backend(backend)
     assert not backend.up
     assert "calls failed in a row" in backend.stats.last_error
@@ -145,7 +145,7 @@ async def test_failures_in_a_row_show_in_status_and_metrics_and_then_make_it_dow
 async def test_a_refused_connection_makes_a_backend_down_at_once(sim, bridge):
     backend = bridge.service.backends[0]
     await sim.crash()
-    with pytest.raises(Exception):
+    with pytest.raises(BackendUnavailable):
         await comfy_api.history_entry(backend, "anything")
     assert not backend.up
     await sim.restart()
@@ -224,3 +224,54 @@ async def test_current_servers_are_cancelled_through_their_atomic_route(sim, bri
     assert sim.interrupt_calls == []   # no read-then-interrupt window
     assert not any(m == "GET" and p.endswith("/queue") for m, p, _ in sim.requests_log)
     api.close()
+
+
+async def test_a_download_times_out_on_silence_not_on_its_length():
+    """GET /view (downloads have a total limit of hours) goes on past the silence limit while
+    bytes keep coming, and a long pause ends it (libcurl's low-speed limit: the speed it measures is a mean over its last
+    few seconds, so the silence that ends a transfer is the limit plus up to ~5 s)."""
+    import time
+
+    from tornado import httpserver, web
+    from tornado.testing import bind_unused_port
+
+    from balancer.comfy.http import Transport
+
+    class Trickle(web.RequestHandler):
+        def initialize(self):
+            self.gone = asyncio.Event()
+
+        def on_connection_close(self):
+            self.gone.set()
+
+        async def get(self):
+            for _ in range(4):
+                self.write(b"x" * 1000)
+                await self.flush()
+                try:
+                    await asyncio.wait_for(self.gone.wait(), float(self.get_argument("pause")))
+                    return
+                except asyncio.TimeoutError:
+                    pass
+
+    sock, port = bind_unused_port()
+    server = httpserver.HTTPServer(web.Application([(r"/view", Trickle)]))
+    server.add_sockets([sock])
+    transport = Transport(f"http://127.0.0.1:{port}", 1.0, on_answer=lambda: None, on_failure=lambda r, f: None)
+    received = []
+
+    def download(pause: float, total: float):
+        request = transport.request("GET", f"/view?pause={pause}", streaming_callback=received.append,
+                                    timeout=total)
+        return transport.fetch(transport.silence_limited(request, silence=1.0), "GET /view")
+    try:
+        await download(0.5, total=60.0)   # 2 s in all, twice the silence limit, never silent for long
+        assert sum(map(len, received)) == 4000
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await download(30.0, total=60.0)   # one chunk, then silence
+        assert time.monotonic() - started < 15
+    finally:
+        transport.close()
+        server.stop()
+        await server.close_all_connections()

@@ -17,21 +17,18 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture
-async def make_sim(tmp_path):
-    """`await make_sim(profile=...)`: a started simulator (default profile unless given)."""
-    started = []
+async def make_sim(sim_factory, tmp_path):
+    """`await make_sim(profile=...)`: a started simulator (default profile unless given) whose
+    files are under tmp_path; conftest's sim_factory starts and stops it."""
+    made = 0
 
     async def make(**kwargs):
+        nonlocal made
+        made += 1
         kwargs.setdefault("name", "knob-sim")
-        kwargs.setdefault("tick_seconds", 0.02)
-        s = SimulatedComfy(data_dir=tmp_path / f"sim{len(started)}", **kwargs)
-        await s.start(port=0)
-        started.append(s)
-        return s
+        return await sim_factory(data_dir=tmp_path / f"sim{made}", **kwargs)
 
-    yield make
-    for s in started:
-        await s.stop()
+    return make
 
 
 @pytest.fixture
