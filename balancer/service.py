@@ -43,9 +43,9 @@ class JobService:
         self.jobs: dict[str, Job] = {}
         self.queue = JobQueue()
         self.backends = [
-            Backend(address, index=i, request_timeout=settings.backend_timeout,
-                    health_interval=settings.health_check_interval, on_up=self._backend_up, on_down=self._backend_down)
-            for i, address in enumerate(settings.comfyui_servers)]
+            Backend(address, request_timeout=settings.backend_timeout, health_interval=settings.health_check_interval,
+                    on_up=self._backend_up, on_down=self._backend_down)
+            for address in settings.comfyui_servers]
         self._pump_scheduled = False
         self._closing = False
         self._background: set[asyncio.Task] = set()

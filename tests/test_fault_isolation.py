@@ -154,7 +154,7 @@ async def test_a_refused_connection_makes_a_backend_down_at_once(sim, bridge):
 
 async def test_an_answer_between_failures_starts_the_count_again():
     downs = []
-    backend = Backend("127.0.0.1:9", index=0, request_timeout=1, on_up=lambda b: None,
+    backend = Backend("127.0.0.1:9", request_timeout=1, on_up=lambda b: None,
                       on_down=lambda b: downs.append(b))
     backend.up = True
     for _ in range(FAILURES_BEFORE_DOWN - 1):

@@ -61,11 +61,10 @@ class BackendStats:
 
 
 class Backend:
-    def __init__(self, address: str, *, index: int, request_timeout: float, health_interval: float = 5.0,
+    def __init__(self, address: str, *, request_timeout: float, health_interval: float = 5.0,
                  on_up: Callable[["Backend"], None], on_down: Callable[["Backend"], None],
                  max_clients: int = 32):
         self.address = address
-        self.index = index
         self.base_url = f"http://{address}"
         self.request_timeout = request_timeout
         self.health_interval = health_interval
