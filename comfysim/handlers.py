@@ -385,6 +385,9 @@ class WebSocketHandler(SimMixin, tornado.websocket.WebSocketHandler):
         await self._gate_request()
 
     def open(self):
+        # ComfyUI's aiohttp (asyncio) sets TCP_NODELAY on every socket: without it, events
+        # would wait for the bridge's delayed ACK, which real servers never make it do.
+        self.set_nodelay(True)
         hub = self.rt.hub
         sid = self.get_query_argument("clientId", "", strip=False)
         if sid:
