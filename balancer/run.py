@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Protocol
 
 from .comfy import api
-from .comfy.answers import (describe_execution_error, describe_rejection, is_out_of_memory,
-                            lost_input_file, outcome_from_history, output_files)
+from .comfy.answers import (describe_execution_error, describe_rejection, entry_from_events,
+                            is_out_of_memory, lost_input_file, outcome_from_history, output_files)
 from .comfy.backend import Backend
 from .comfy.files import download_to
 from .comfy.http import BackendRejected, BackendUnavailable
@@ -134,7 +134,7 @@ class PromptRun:
         entry = await self._read(api.history_entry, self.prompt_id)
         ended = outcome_from_history(entry) if entry is not None else None
         if ended is not None:
-            self.watch.resolve(ended)
+            self.watch.resolve(ended, entry)
             return True
         running, pending = await self._read(api.prompts_on_backend)
         if self.prompt_id in running:
@@ -180,9 +180,26 @@ class PromptRun:
                 continue  # counted by the transport; the websocket may still tell the end
             ended = outcome_from_history(entry) if entry is not None else None
             if ended is not None:
-                self.watch.resolve(ended)
+                self.watch.resolve(ended, entry)
 
     async def _collect(self) -> Outcome:
+        # The websocket's `executed` events name the files, which spares the round trip to
+        # the history; it stays the source when they do not name them all.
+        entry = self.watch.entry or entry_from_events(self.watch.outputs, self.job.graph,
+                                                      self.backend.output_classes)
+        if entry is None:
+            entry = await self._history_after_end()
+            if entry is None:
+                return Outcome(Ending.FAILED, "the backend finished the job but kept no history of it")
+        stored = []
+        for index, item in enumerate(output_files(entry, self.job.graph)):
+            target = self.results.file_path(self.job.id, index, item.filename)
+            stored.append(await self._read(download_to, item, target))
+        return Outcome(Ending.DONE, results=stored)
+
+    async def _history_after_end(self) -> dict | None:
+        """The prompt's history entry, which ComfyUI writes just after it says the prompt
+        ended; None if none came within HISTORY_WRITE_GRACE."""
         entry = None
         give_up = time.monotonic() + HISTORY_WRITE_GRACE
         delay = 0.01
@@ -190,14 +207,10 @@ class PromptRun:
             entry = await self._read(api.history_entry, self.prompt_id)
             if entry is None:
                 if time.monotonic() > give_up:
-                    return Outcome(Ending.FAILED, "the backend finished the job but kept no history of it")
+                    return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-        stored = []
-        for index, item in enumerate(output_files(entry, self.job.graph)):
-            target = self.results.file_path(self.job.id, index, item.filename)
-            stored.append(await self._read(download_to, item, target))
-        return Outcome(Ending.DONE, results=stored)
+        return entry
 
     async def _read(self, call, *args):
         """`call(backend, *args)` through failures while the backend is up, for READ_PATIENCE

@@ -80,6 +80,7 @@ Fault knobs (details in SimulatedComfy's docstring; sim.clear_faults() switches 
   sim.fail_every = {"history": 3, "view": 2}   every N-th request of a route -> 500.
   sim.stall_next("history", seconds=5, count=1)   the next requests of a route wait first;
                            sim.release_stalls() ends the stalls under way.
+  sim.drop_events = {"executed"}   websocket events of those types are not sent.
   sim.fault_log, sim.fault_counts, sim.stalling   what the knobs did / are doing.
 Observations (kept across crash/restart):
   sim.executed_prompts     prompt_ids that ran to execution_success, in order.

@@ -32,7 +32,7 @@ class Runtime:
     """Everything a real ComfyUI process keeps in memory; a crash replaces it with a fresh one."""
 
     def __init__(self, sim: "SimulatedComfy"):
-        self.hub = Hub(sim._gate, sim.spec)
+        self.hub = Hub(sim._gate, sim.spec, sim._drop_events)
         self.queue = PromptQueue(self.hub, sim.spec)
         self.executor = Executor(sim, self.hub, sim.folders)
         self.dead = asyncio.Event()   # set when this process "dies": releases hung requests
@@ -69,6 +69,9 @@ class SimulatedComfy:
         handled (they see the state of when they resume); the IOLoop keeps running. A
         crash()/stop() during a stall drops the connection. `stalling` = requests waiting now;
         release_stalls() lets them go at once (so a test can stall "until" something happened).
+    drop_events = {"executed"}
+        websocket events of those types are never sent (as when a socket misses them, or a
+        version that does not send them for cached nodes).
     fault_log
         (kind, method, uri) for every fault applied: "poison", "fail_every", "stall"
         (logged when the stall starts).
@@ -121,6 +124,7 @@ class SimulatedComfy:
         self.stalling = 0
         self._stall_releases: set[asyncio.Event] = set()
         self.fault_log: list[tuple[str, str, str]] = []
+        self._drop_events: set[str] = set()   # shared with every Runtime's hub
         self._oom_remaining = 0
         self._interrupt_flag = False
         self._unhung = asyncio.Event()
@@ -233,6 +237,15 @@ class SimulatedComfy:
         self._fail_every = rules
         self.fault_counts = Counter()
 
+    @property
+    def drop_events(self) -> frozenset[str]:
+        return frozenset(self._drop_events)
+
+    @drop_events.setter
+    def drop_events(self, events) -> None:
+        self._drop_events.clear()
+        self._drop_events.update(events or ())
+
     def stall_next(self, route: str, seconds: float = 5.0, count: int = 1) -> None:
         """The next `count` requests of `route` wait `seconds` before they are handled."""
         faults.parse_key(route)
@@ -248,6 +261,7 @@ class SimulatedComfy:
         self.fail_prompts_containing = None
         self.fail_every = {}
         self._stalls.clear()
+        self.drop_events = ()
 
     def executions_containing(self, marker: str) -> list[str]:
         """Prompt ids of the executions whose graph (as JSON) contains `marker`."""

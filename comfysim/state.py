@@ -28,7 +28,7 @@ class Hub:
     unregistered id is dropped, and `sid=None` goes to every registered socket.
     """
 
-    def __init__(self, gate, spec: Profile):
+    def __init__(self, gate, spec: Profile, dropped: set[str] | None = None):
         # Messages the imitated version never sends (see the package docstring).
         self.absent = frozenset(event for event, present in (
             ("execution_success", spec.execution_success), ("progress_state", spec.progress_state),
@@ -40,9 +40,10 @@ class Hub:
         self.last_node_id: str | None = None      # node of the last `executing`, None when idle
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._gate = gate
+        self.dropped = dropped if dropped is not None else set()   # the sim's drop_events knob
 
     def send(self, event: str, data, sid: str | None = None) -> None:
-        if event in self.absent:
+        if event in self.absent or event in self.dropped:
             return
         # Serialised now: the sender may keep mutating `data` (progress_state does).
         self._outbox.put_nowait((protocol.text_frame(event, data), False, sid))

@@ -3,7 +3,7 @@ import asyncio
 import os
 
 from balancer.progress import ProgressTracker, format_percent, nodes_to_run
-from balancer.comfy.answers import describe_execution_error, describe_rejection, output_files
+from balancer.comfy.answers import describe_execution_error, describe_rejection, entry_from_events, output_files
 from storage.state import StateFile
 
 GRAPH = {
@@ -68,6 +68,17 @@ def test_output_files_in_node_order_with_temp_and_dedup():
     }}
     items = output_files(entry, GRAPH)
     assert [(i.filename, i.subfolder, i.type) for i in items] == [("a.png", "s", "output"), ("b.png", "", "temp")]
+
+
+def test_entry_from_events_only_when_every_output_node_reported():
+    graph = {**GRAPH, "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    outputs = {"3": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}}
+    classes = frozenset({"SaveImage", "PreviewImage"})
+    assert entry_from_events(outputs, graph, classes) is None          # node 4 missing (cached, or lost)
+    outputs["4"] = None                                                 # cached, without UI: no files
+    assert entry_from_events(outputs, graph, classes) == {"outputs": {"3": outputs["3"]}}
+    assert entry_from_events(outputs, graph, frozenset()) is None      # output nodes unknown: ask history
+    assert entry_from_events({}, {"1": GRAPH["1"]}, classes) is None    # no output node at all
 
 
 async def test_state_file_counts_and_survives_damage(tmp_path):

@@ -82,6 +82,19 @@ def output_files(entry: dict, graph: dict) -> list[OutputItem]:
     return items
 
 
+def entry_from_events(outputs: dict[str, dict | None], graph: dict, output_classes) -> dict | None:
+    """The `outputs` of a history entry as the `executed` events gave them (see
+    PromptWatch.outputs), when they came for every output node of the graph; else None: a
+    node served from cache is not reported again by some versions, an output node without UI
+    is never reported, and an event can be lost with a websocket. ComfyUI's history stores
+    the very `output` each event carried, so `output_files` reads both alike."""
+    expected = [nid for nid, node in graph.items()
+                if isinstance(node, dict) and node.get("class_type") in output_classes]
+    if not expected or any(nid not in outputs for nid in expected):
+        return None
+    return {"outputs": {nid: output for nid, output in outputs.items() if output is not None}}
+
+
 def queue_prompt_ids(answer) -> tuple[set[str], set[str]]:
     """Prompt ids running and waiting in a GET /queue answer (items are [number, id, ...])."""
     answer = answer if isinstance(answer, dict) else {}

@@ -1,0 +1,52 @@
+"""Round trips on a job's path (issue 14, item 3): the output files come from the `executed`
+websocket events, and the prompt's history is asked only when the events did not name them all."""
+from __future__ import annotations
+
+from .conftest import new_client_id
+
+
+def _history_reads(sim) -> list[str]:
+    return [uri for method, uri, _ in sim.requests_log
+            if method == "GET" and uri.split("?")[0].removeprefix("/api").startswith("/history/")]
+
+
+async def _run(api, values: dict) -> list[dict]:
+    client_id = new_client_id()
+    ws = await api.ws(client_id)
+    await api.generate(client_id, values)
+    final = await ws.until("closed", "error")
+    assert final["status"] == "closed", final
+    return await api.history(client_id)
+
+
+def _files(parts: list[dict]) -> list[tuple[str, bytes]]:
+    return [(part["headers"]["content-disposition"], part["data"]) for part in parts]
+
+
+BLANK = {"workflow": "blank-image", "1/width": 16, "1/height": 8, "1/color": 255}
+
+
+async def test_a_plain_job_does_not_read_the_history(api, sim):
+    parts = await _run(api, BLANK)
+    assert len(parts) == 1 and parts[0]["data"].startswith(b"\x89PNG")
+    assert sim.executed_prompts and _history_reads(sim) == []
+
+
+async def test_a_missing_executed_event_falls_back_to_the_history(api, sim):
+    sim.drop_events = {"executed"}
+    parts = await _run(api, BLANK)
+    assert len(_history_reads(sim)) >= 1
+    assert len(parts) == 1 and parts[0]["data"].startswith(b"\x89PNG")
+
+
+async def test_a_cached_job_gets_the_cached_file_with_or_without_its_event(api, sim):
+    """A fully cached run makes no new file: the server names the old one again (0.3.64 and
+    later re-send `executed` for it; older ones only list it in `execution_cached`)."""
+    first = _files(await _run(api, BLANK))
+    executions = len(sim.executions)
+    again = _files(await _run(api, BLANK))                 # re-reported by its event
+    assert len(sim.executions) == executions               # served from cache
+    assert again == first and _history_reads(sim) == []
+    sim.drop_events = {"executed"}                         # as an older server: no event
+    older = _files(await _run(api, BLANK))
+    assert older == first and len(_history_reads(sim)) >= 1
