@@ -2,7 +2,11 @@
 websocket events, and the prompt's history is asked only when the events did not name them all."""
 from __future__ import annotations
 
-from .conftest import new_client_id
+from pathlib import Path
+
+from balancer.comfy import files
+
+from .conftest import new_client_id, png_bytes
 
 
 def _history_reads(sim) -> list[str]:
@@ -50,3 +54,26 @@ async def test_a_cached_job_gets_the_cached_file_with_or_without_its_event(api, 
     sim.drop_events = {"executed"}                         # as an older server: no event
     older = _files(await _run(api, BLANK))
     assert older == first and len(_history_reads(sim)) >= 1
+
+
+async def test_small_inputs_go_in_one_request_on_the_kept_alive_connection(api, sim, bridge, monkeypatch):
+    """A small input is read whole and sent by libcurl (kept-alive); only a file over
+    SMALL_UPLOAD is streamed from disk by tornado's own client (a new connection). Both arrive
+    byte for byte."""
+    small, large = png_bytes(16, 12, seed=3), png_bytes(64, 64, seed=4)
+    monkeypatch.setattr(files, "SMALL_UPLOAD", len(small))
+    streaming = bridge.service.backends[0].http._stream_http
+    streamed = []
+    original = streaming.fetch
+
+    def spy(request, **kwargs):
+        streamed.append(request.url)
+        return original(request, **kwargs)
+    monkeypatch.setattr(streaming, "fetch", spy)
+
+    for data, expect_streamed in ((small, 0), (large, 1)):
+        saved = await api.upload(data)
+        await _run(api, {"workflow": "invert", "1/image": saved})
+        assert len(streamed) == expect_streamed, streamed
+        received = [p.read_bytes() for p in (Path(sim.folders.input) / files.UPLOAD_SUBFOLDER).iterdir()]
+        assert data in received
