@@ -24,6 +24,7 @@ import random
 import sys
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,7 +96,7 @@ class DirectClient:
             name = json.loads(answer)["name"]
         t1 = time.perf_counter()
         graph = graph_for(name)
-        prompt_id = f"p{random.getrandbits(64):x}"
+        prompt_id = str(uuid.uuid4())   # current servers take only a canonical UUID
         done = self.waiters[prompt_id] = asyncio.get_running_loop().create_future()
         status, _, answer = await self.http.request(
             "POST", "/prompt", json.dumps({"prompt": graph, "client_id": self.client_id,
