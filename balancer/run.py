@@ -96,10 +96,17 @@ class PromptRun:
         refuses them at validation: upload them again, once."""
         job, backend = self.job, self.backend
         for attempt in (1, 2):
-            graph = await self._place_files()
             self._listen(str(uuid.uuid4()))
+            # On disk before the backend hears of it (a restart then finds the prompt rather
+            # than running the job twice); the commit overlaps the uploads.
+            chosen = asyncio.ensure_future(self.events.prompt_chosen(job, self.prompt_id))
+            try:
+                graph = await self._place_files()
+            except BaseException:
+                chosen.add_done_callback(_retrieve)  # a failed write is the store's to log
+                raise
             self.tracker = ProgressTracker(graph, backend.output_classes)
-            await self.events.prompt_chosen(job, self.prompt_id)  # on disk before the backend hears of it
+            await chosen
             try:
                 answer = await api.submit_prompt(backend, graph, self.prompt_id)
             except BackendRejected as exc:
@@ -237,6 +244,11 @@ class PromptRun:
             self.events.started(self.job)
         if self.tracker is not None and self.tracker.on_event(kind, data):
             self.events.progressed(self.job, self.tracker.percent)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _seconds(value: float) -> str:

@@ -2,11 +2,12 @@
 websocket events, and the prompt's history is asked only when the events did not name them all."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from balancer.comfy import files
 
-from .conftest import new_client_id, png_bytes
+from .conftest import TIMEOUT, new_client_id, png_bytes, wait_for
 
 
 def _history_reads(sim) -> list[str]:
@@ -77,3 +78,56 @@ async def test_small_inputs_go_in_one_request_on_the_kept_alive_connection(api, 
         assert len(streamed) == expect_streamed, streamed
         received = [p.read_bytes() for p in (Path(sim.folders.input) / files.UPLOAD_SUBFOLDER).iterdir()]
         assert data in received
+
+
+async def test_prompt_id_is_on_disk_before_the_backend_hears_of_it_and_its_write_overlaps_the_upload(
+        api, sim, bridge, monkeypatch):
+    """A restart must find the prompt rather than run the job twice, so POST /prompt waits for
+    the commit of the prompt id; the input's upload does not (it goes on meanwhile)."""
+    store = bridge.bridge.store
+    release = threading.Event()
+    commit = store._commit
+
+    def held(batch, count):
+        if any(record and record.get("prompt_id") for record in batch.values()):
+            release.wait(TIMEOUT)
+        commit(batch, count)
+    monkeypatch.setattr(store, "_commit", held)
+
+    def calls(path: str) -> int:
+        return sum(1 for method, uri, _ in sim.requests_log if method == "POST" and uri.endswith(path))
+
+    saved = await api.upload(png_bytes(seed=5))
+    client_id = new_client_id()
+    ws = await api.ws(client_id)
+    await api.generate(client_id, {"workflow": "invert", "1/image": saved})
+    try:
+        await wait_for(lambda: calls("/upload/image") == 1, TIMEOUT, what="the upload, while the commit waits")
+        assert calls("/prompt") == 0
+    finally:
+        release.set()
+    assert (await ws.until("closed", "error"))["status"] == "closed"
+    assert calls("/prompt") == 1
+
+
+async def test_the_prompt_ids_commit_does_not_wait_for_the_upload(api, sim, bridge, monkeypatch):
+    store = bridge.bridge.store
+    committed = []
+    commit = store._commit
+
+    def spy(batch, count):
+        commit(batch, count)
+        committed.extend(r["prompt_id"] for r in batch.values() if r and r.get("prompt_id"))
+    monkeypatch.setattr(store, "_commit", spy)
+    saved = await api.upload(png_bytes(seed=6))
+    sim.stall_next("upload", seconds=TIMEOUT)
+    client_id = new_client_id()
+    ws = await api.ws(client_id)
+    await api.generate(client_id, {"workflow": "invert", "1/image": saved})
+    try:
+        await wait_for(lambda: sim.stalling == 1, TIMEOUT, what="the upload under way")
+        await wait_for(lambda: committed, TIMEOUT, what="the prompt id's commit during the upload")
+        assert sim.stalling == 1
+    finally:
+        sim.release_stalls()
+    assert (await ws.until("closed", "error"))["status"] == "closed"
