@@ -54,7 +54,14 @@ class HistoryHandler(JsonHandler):
             for head, result in zip(heads, results):
                 self.write(head)
                 with open(result.path, "rb") as handle:
-                    while chunk := await loop.run_in_executor(None, handle.read, CHUNK):
+                    # Exactly the stored size, so a small file costs one read (no hop to see
+                    # its end) and a shortened one cannot break the Content-Length.
+                    left = result.size
+                    while left > 0:
+                        chunk = await loop.run_in_executor(None, handle.read, min(CHUNK, left))
+                        if not chunk:
+                            raise OSError(f"{result.path} is shorter than its {result.size} bytes")
+                        left -= len(chunk)
                         self.write(chunk)
                         await self.flush()
                 self.write(b"\r\n")

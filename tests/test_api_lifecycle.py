@@ -2,6 +2,8 @@
 import json
 import shutil
 
+import pytest
+from tornado.simple_httpclient import HTTPStreamClosedError
 from tornado.tcpclient import TCPClient
 
 from tests.conftest import ROOT, new_client_id, png_bytes, wait_for
@@ -59,3 +61,17 @@ async def test_broken_history_download_keeps_results(api, bridge):
     response = await api.fetch(f"/history?clientId={client_id}", timeout=60)
     assert response.code == 200 and len(response.body) > 64 * 1024 * 1024
     await wait_for(lambda: bridge.service.get(client_id) is None, what="job forgotten after full send")
+
+
+async def test_a_result_file_shortened_on_disk_breaks_the_download_and_keeps_the_job(api, bridge):
+    """The multipart is read by the stored sizes: a file that lost bytes ends the response
+    early (the client sees it incomplete, never a wrong file), and the job stays."""
+    client_id = new_client_id()
+    await api.generate(client_id, {"workflow": "blank-image", "1/width": 40, "1/height": 30})
+    await api.wait_status(client_id, "closed")
+    job = bridge.service.get(client_id)
+    path = job.results[0].path
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(HTTPStreamClosedError):   # closed before Content-Length bytes came
+        await api.fetch(f"/history?clientId={client_id}")
+    assert bridge.service.get(client_id) is job
