@@ -46,7 +46,8 @@ async def _one_job(session: aiohttp.ClientSession, bridge, sim, width: int) -> t
         if message.json()["status"] == "closed":
             arrived = time.time()
             break
-    ended = sim.prompt_times[-1][2]   # the backend's end of this prompt, time.time()
+    prompt_id = bridge.service.get(client_id).prompt_id
+    ended = next(end for pid, _, end, _ in sim.prompt_times if pid == prompt_id)   # time.time()
     await ws.close()
     async with session.get(f"{bridge.url}/history?clientId={client_id}") as results:
         assert results.status == 200
