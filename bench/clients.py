@@ -221,6 +221,7 @@ class AiohttpDirect:
         self.base = f"http://{address}"
         self.client_id = str(uuid.uuid4())
         self.waiters: dict[str, asyncio.Future] = {}
+        self.accepted = 0   # submissions answered with success (bench/peer.py counts them)
 
     async def open(self) -> None:
         self.session = _session()
@@ -254,6 +255,7 @@ class AiohttpDirect:
                 "prompt": builder(name), "client_id": self.client_id, "prompt_id": prompt_id}) as r:
             assert r.status == 200, (r.status, await r.text())
             await r.read()
+        self.accepted += 1
         await asyncio.wait_for(done, TIMEOUT)
         async with self.session.get(f"{self.base}/history/{prompt_id}") as r:
             entry = (await r.json())[prompt_id]
@@ -272,6 +274,7 @@ class AiohttpBridge:
         self.base = base
         self.mode = websocket_connection
         self.upgrades = UpgradeCounter()
+        self.accepted = 0
 
     async def open(self) -> None:
         self.session = _session(trace=self.upgrades.config)
@@ -299,6 +302,7 @@ class AiohttpBridge:
                                          json=builder(saved)) as r:
                 assert r.status == 200, (r.status, await r.text())
                 await r.read()
+            self.accepted += 1
 
         ws, _ = await asyncio.gather(self.ws_session.ws_connect(f"{self.base}/ws?clientId={client_id}"), generate())
         try:
@@ -316,6 +320,57 @@ class AiohttpBridge:
             assert r.status == 200 and b"\x89PNG" in data[:1024], (r.status, data[:200])
         t2 = time.perf_counter()
         return t2 - t0, t2 - t1
+
+
+class AiohttpPeer:
+    """Comfy-Org's comfy-api-proxy through its v2 API with aiohttp: POST /api/v2/jobs, poll
+    GET /api/v2/jobs/{id} until `succeeded` (first poll at once, then every `poll` seconds),
+    GET the output asset's content. Its SSE stream (`/events`) is not used: the proxy allows 8 at
+    once (a closed loop of 32 clients gets 429s), and a job that ends between the stream's first
+    snapshot and its ComfyUI websocket connecting is seen only at the 15 s keep-alive."""
+
+    TERMINAL_FAILURES = ("failed", "canceled")
+
+    def __init__(self, base: str, poll: float):
+        self.base = base
+        self.poll = poll
+        self.accepted = 0
+        self.polls = 0
+        self.expired_seen = 0   # `expired` answers for a job that then succeeded (see poll loop)
+
+    async def open(self) -> None:
+        self.session = _session()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def job(self, builder, image: bytes | None) -> tuple[float, float]:
+        assert image is None, "the peer client runs workflows without an input file only"
+        t1 = time.perf_counter()
+        async with self.session.post(f"{self.base}/api/v2/jobs", json={"workflow": builder(None)}) as r:
+            assert r.status == 201, (r.status, await r.text())
+            url = (await r.json())["urls"]["self"]
+        self.accepted += 1
+        deadline = t1 + TIMEOUT
+        while True:
+            async with self.session.get(url) as r:
+                state = await r.json()
+            self.polls += 1
+            status = state["status"]
+            if status == "succeeded":
+                break
+            assert status not in self.TERMINAL_FAILURES, state
+            assert time.perf_counter() < deadline, f"job not done after {TIMEOUT}s: {state}"
+            # `expired` here is the proxy's race, not the job's end: it reads /history/{id}, then
+            # /queue, and a job that ends between the two is in neither. Polled again.
+            self.expired_seen += status == "expired"
+            if self.poll:
+                await asyncio.sleep(self.poll)
+        async with self.session.get(state["outputs"][0]["url"]) as r:
+            data = await r.read()
+            assert r.status == 200 and data[:4] == b"\x89PNG", r.status
+        t2 = time.perf_counter()
+        return t2 - t1, t2 - t1
 
 
 # ----------------------------------------------------------------------------- chromium
