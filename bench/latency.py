@@ -200,7 +200,8 @@ def main() -> int:
             notes.append(f"client {kind}: bridge websocket upgrades over a new TCP connection "
                          f"{sum(x['new'] for x in counts)}, over a reused kept-alive one "
                          f"{sum(x['reused'] for x in counts)} (aiohttp tracing, all runs)")
-    c.report("added latency per job: bridge vs straight to the simulator, per client", args, rows, notes)
+    c.report("added latency per job: bridge vs straight to the simulator, per client", args, rows, notes,
+             extra={"per_run": runs})
     if args.profile:
         print(c.summarize_profile(Path(args.profile)))
     return 0

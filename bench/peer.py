@@ -240,7 +240,7 @@ def main() -> int:
     if skipped:
         notes.append(skipped)
     c.report("a peer side by side: bridge, comfy-api-proxy and straight, one simulated backend, aiohttp client",
-             args, rows, notes)
+             args, rows, notes, extra={"per_run": runs})
     if args.profile:
         print(c.summarize_profile(Path(args.profile)))
     return 0
