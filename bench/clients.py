@@ -11,6 +11,8 @@ ComfyUI, and through the bridge's own API.
                   WebSocket in a page of the server's own origin, timed in the page with
                   performance.now() (Playwright's round trips are outside the clock).
 
+bench/peer.py also drives Comfy-Org's comfy-api-proxy with aiohttp (`AiohttpPeer`).
+
 Every client has `open()`, `close()` and `job(builder, image) -> (upload to results, generate
 to results)` in seconds. `builder(name)` gives the graph (straight) or the bridge's inputs;
 `name` is the uploaded input's name, or None when `image` is None. Clients whose package is
