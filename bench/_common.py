@@ -328,6 +328,7 @@ class Stack:
         (self.dir / "no.env").write_text("")
         self.sims: list[Sim] = []
         self.bridge: BridgeProc | None = None
+        self.others: list[Proc] = []   # further processes of the run (added with `add`), stopped first
         self._t0 = time.monotonic()
         self._machine0 = machine_jiffies()
         self._self0 = process_jiffies(os.getpid())
@@ -335,7 +336,7 @@ class Stack:
 
     def _own_jiffies(self) -> int:
         total = 0
-        for proc in [*self.sims, *([self.bridge] if self.bridge else [])]:
+        for proc in [*self.sims, *([self.bridge] if self.bridge else []), *self.others]:
             proc.sample_cpu()
             total += sum(getattr(proc, "jiffies", {}).values())
         return total
@@ -344,6 +345,11 @@ class Stack:
         sim = Sim(self.root, self.dir, name, tick_seconds, timeline)
         self.sims.append(sim)
         return sim
+
+    def add(self, proc: "Proc") -> "Proc":
+        """A further process of this run: its CPU counts as the run's own, `stop` ends it."""
+        self.others.append(proc)
+        return proc
 
     def start_bridge(self, settings: dict | None = None, profile: Path | None = None) -> BridgeProc:
         for sim in self.sims:
@@ -360,6 +366,8 @@ class Stack:
             cores = os.cpu_count() or 1
             self.foreign_cores = max(0.0, cores * (busy1 - busy0 - own) / max(1, total1 - total0))
             FOREIGN.append(self.foreign_cores)
+        for proc in self.others:
+            proc.stop()
         if self.bridge is not None:
             self.bridge.stop()
         for sim in self.sims:

@@ -4,7 +4,7 @@
 Each script's own output and a JSON file of its figures go to --out (default: a new temporary
 dir). Options after `--` are passed to every script (e.g. `-- --root /path/to/checkout`).
 
-    .venv/bin/python bench/run_all.py                       # about 15 minutes on 2 cores
+    .venv/bin/python bench/run_all.py                       # about 25 minutes on 2 cores
     .venv/bin/python bench/run_all.py --only latency,idle_gap -- --runs 3
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ["latency", "throughput", "websockets", "makespan", "idle_gap", "upload"]
+SCRIPTS = ["latency", "peer", "throughput", "websockets", "makespan", "idle_gap", "upload"]
 
 
 def main() -> int:

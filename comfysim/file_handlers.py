@@ -5,6 +5,7 @@ Disk work (hashing, writing, reading, re-encoding previews) runs in the simulato
 from __future__ import annotations
 
 import os
+import re
 from email.utils import formatdate
 from io import BytesIO
 
@@ -74,6 +75,33 @@ def _read_view(path: str, preview: str | None, channel: str | None):
     return data, ctype, True
 
 
+UNSATISFIABLE = "unsatisfiable"
+_BYTES = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def byte_range(header: str | None, size: int):
+    """What aiohttp's FileResponse (ComfyUI's raw /view) makes of a Range header: None (the whole
+    file, 200), (start, stop) for a 206, or UNSATISFIABLE (416). One range only; anything else
+    in the header is refused, as aiohttp does."""
+    if header is None:
+        return None
+    match = _BYTES.fullmatch(header)
+    if match is None or match.group(1) == match.group(2) == "":
+        return UNSATISFIABLE
+    first, last = match.groups()
+    if first == "":                      # the last N bytes ("bytes=-0" is the whole file there)
+        start = max(0, size - int(last)) if int(last) else 0
+        stop = size
+    else:
+        start = int(first)
+        if last != "" and int(last) < start:
+            return UNSATISFIABLE
+        stop = size if last == "" else min(int(last) + 1, size)
+    if start >= size:
+        return UNSATISFIABLE
+    return start, stop
+
+
 class ViewHandler(BaseHandler):
     async def get(self):
         args = {k: self.get_query_argument(k, strip=False) for k in self.request.query_arguments}
@@ -101,8 +129,19 @@ class ViewHandler(BaseHandler):
         data, ctype, raw = await self.sim._offload(_read_view, path, args.get("preview"), args.get("channel"))
         self.set_header("Content-Type", ctype)
         self.set_header("Content-Disposition", f'filename="{filename}"')
-        if raw:
+        if raw:  # ComfyUI answers with aiohttp's FileResponse: validators, and byte ranges
             st = os.stat(path)
             self.set_header("Etag", f'"{int(st.st_mtime_ns):x}-{st.st_size:x}"')
             self.set_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
+            self.set_header("Accept-Ranges", "bytes")
+            wanted = byte_range(self.request.headers.get("Range"), len(data))
+            if wanted == UNSATISFIABLE:
+                self.set_status(416)
+                self.set_header("Content-Range", f"bytes */{len(data)}")
+                return self.finish()
+            if wanted is not None:
+                start, stop = wanted
+                self.set_status(206)
+                self.set_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+                data = data[start:stop]
         self.finish(data)

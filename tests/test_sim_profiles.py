@@ -529,3 +529,29 @@ async def test_all_profiles_marker_runs_once_per_profile(sim, sim_profile, reque
 async def test_all_profiles_marker_limits_and_xfails(sim, sim_profile):
     assert sim_profile in ("legacy", "current")
     assert sim.profile != "legacy"  # fails on legacy only: strict xfail there
+
+
+# -- byte ranges on /view (comfy-api-proxy forwards a client's Range to it) -------------------
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+async def test_view_serves_byte_ranges_as_aiohttps_file_response(sim_factory, profile):
+    sim = await sim_factory(name=f"range-{profile}", profile=profile)
+    data = png_bytes(color=(9, 8, 7))
+    name = (await upload(base(sim), "ranged.png", data))["name"]
+    view = f"/view?filename={name}&type=input"
+    size = len(data)
+
+    whole = await fetch(base(sim), view)
+    assert whole.code == 200 and whole.body == data and whole.headers["Accept-Ranges"] == "bytes"
+    for header, start, stop in [("bytes=0-9", 0, 10), ("bytes=10-", 10, size), ("bytes=-16", size - 16, size),
+                                (f"bytes=5-{size + 100}", 5, size), ("bytes=-0", 0, size)]:
+        part = await fetch(base(sim), view, headers={"Range": header})
+        assert part.code == 206, header
+        assert part.body == data[start:stop], header
+        assert part.headers["Content-Range"] == f"bytes {start}-{stop - 1}/{size}", header
+    for header in [f"bytes={size}-", "bytes=9-3", "bytes=-", "bytes=0-1,4-5", "items=0-1"]:
+        refused = await fetch(base(sim), view, headers={"Range": header})
+        assert refused.code == 416 and refused.body == b"", header
+        assert refused.headers["Content-Range"] == f"bytes */{size}", header
+    preview = await fetch(base(sim), view + "&preview=webp", headers={"Range": "bytes=0-9"})
+    assert preview.code == 200  # a re-encoded preview is a plain answer in ComfyUI: no ranges
