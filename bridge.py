@@ -90,6 +90,7 @@ class Bridge:
         self._stored_jobs = []
         self.state.write_if_changed()
         self.hub.start()
+        self.metrics.start()
         # Often enough that nothing outlives RESULT_TTL by more than a quarter of it.
         interval = max(0.5, min(SWEEP_INTERVAL, self.settings.result_ttl / 4, self.settings.upload_ttl / 4))
         self._sweeper = PeriodicCallback(self.sweep, interval * 1000)
