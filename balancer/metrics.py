@@ -230,6 +230,8 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("bridge_scheduler_seconds", "Time spent in those runs, choosing and "
                                   "dispatching (divide by bridge_scheduler_placed for the cost of one decision).",
                                   value=cost.seconds)
+        yield CounterMetricFamily("bridge_scheduler_plan_seconds", "The part of bridge_scheduler_seconds spent "
+                                  "choosing (Scheduler.plan), without dispatching.", value=cost.plan_seconds)
         yield CounterMetricFamily("bridge_scheduler_placed", "Jobs those runs dispatched to a backend.",
                                   value=cost.placed)
         yield GaugeMetricFamily("bridge_websocket_clients", "Open client websockets (/ws).",

@@ -292,3 +292,4 @@ async def test_metrics_show_loop_lag_and_scheduling_cost(sim, bridge_factory):
     assert after.value("bridge_scheduler_placed_total") == before.value("bridge_scheduler_placed_total") + 1
     assert after.value("bridge_scheduler_runs_total") > before.value("bridge_scheduler_runs_total")
     assert after.value("bridge_scheduler_seconds_total") > before.value("bridge_scheduler_seconds_total")
+    assert 0 < after.value("bridge_scheduler_plan_seconds_total") <= after.value("bridge_scheduler_seconds_total")

@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""Scale of one bridge: many backends, a long queue, every backend busy and jobs flowing.
+
+For each (backends, queued) pair: simulated servers run as a few farms (`python -m comfysim
+--count N`, one process for many servers), the bridge starts with all of them, then
+
+  idle     the bridge with every backend up and nothing to do (health probes and websockets
+           only): its CPU and event-loop lag;
+  enqueue  `--queued` jobs sent by 64 keep-alive clients, as fast as the bridge takes them;
+  flow     once every backend has finished a job (all busy, jobs flowing), a window of
+           `--window` seconds: jobs dispatched, bridge CPU per dispatched job, event-loop lag
+           p99, the dispatcher's time per decision, and what clients see meanwhile (GET
+           /execution-info of random queued jobs at `--poll-rate`, GET /status every 2 s).
+
+Each job is one SimSlowProgress tick on a tiny EmptyImage (its colour differs per job, so no
+cache hit); its run time is backends / `--rate`, so every pair dispatches about `--rate` jobs/s
+and the per-job figures compare across pairs. Event-loop lag and scheduling time come from the
+bridge's own /metrics (`bridge_event_loop_lag_seconds`, `bridge_scheduler_*`): p99 is read from
+the histogram's buckets (linear inside the bucket). Nobody fetches results (GET /history):
+done jobs stay in memory, as they would for clients that collect them late.
+
+    .venv/bin/python bench/scale.py                                   # 30 and 300 backends x 1,000 and 10,000 queued
+    .venv/bin/python bench/scale.py --backends 300 --queued 10000 --profile /tmp/scale.pyspy
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+GOAL_LAG_P99_MS = 50.0
+CLIENTS = 64
+ALIAS = "scale"
+WORKFLOW = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SimSlowProgress", "inputs": {"image": ["1", 0], "steps": 1}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "scale"}},
+}
+
+
+class Farm(c.Proc):
+    """`python -m comfysim --count N`: N servers in one process; `addresses` once they listen."""
+
+    def __init__(self, root: Path, workdir: Path, name: str, count: int, tick_seconds: float):
+        self.ports_file = workdir / f"{name}.ports.json"
+        argv = [c.PYTHON, "-m", "comfysim", "--count", str(count), "--port", "0", "--ports-file", str(self.ports_file),
+                "--host", c.LOOPBACK, "--name", name, "--tick-seconds", repr(tick_seconds),
+                "--data-dir", str(workdir / name), "--log-level", "WARNING"]
+        super().__init__(name, argv, root, workdir / f"{name}.log")
+        self.addresses: list[str] = []
+
+    def wait_ready(self, deadline: float = 120.0) -> None:
+        end = time.monotonic() + deadline
+        while not self.ports_file.exists():
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"{self.name}: no ports file after {deadline}s:\n{self.log_tail()}")
+            time.sleep(0.1)
+        self.addresses = json.loads(self.ports_file.read_text())
+
+
+class _Address:
+    def __init__(self, address: str):
+        self.address = address
+
+
+# ----------------------------------------------------------------------------- /metrics
+
+def parse_metrics(text: str) -> dict:
+    """name -> value for plain samples; histogram buckets under (name, le)."""
+    out: dict = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if "{" in head:
+            name, _, labels = head.partition("{")
+            if name.endswith("_bucket") and 'le="' in labels:
+                le = labels.split('le="', 1)[1].split('"', 1)[0]
+                out[(name, float(le))] = number
+                continue
+            out[head] = number
+        else:
+            out[head] = number
+    return out
+
+
+def delta(after: dict, before: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def histogram_quantile(after: dict, before: dict, name: str, q: float) -> tuple[float, float, int]:
+    """(q-quantile, upper bound of the highest bucket used, count) of the observations between two scrapes."""
+    bounds = sorted(key[1] for key in after if isinstance(key, tuple) and key[0] == f"{name}_bucket")
+    cumulative = [after.get((f"{name}_bucket", le), 0) - before.get((f"{name}_bucket", le), 0) for le in bounds]
+    total = cumulative[-1] if cumulative else 0
+    if not total:
+        return float("nan"), float("nan"), 0
+    rank = q * total
+    lower, below, value = 0.0, 0.0, bounds[-1]
+    for le, count in zip(bounds, cumulative):
+        if count >= rank:
+            value = le if le == float("inf") else lower + (le - lower) * (rank - below) / max(count - below, 1e-9)
+            break
+        lower, below = le, count
+    worst = next((le for le, count in zip(bounds, cumulative) if count >= total), bounds[-1])
+    return value, worst, int(total)
+
+
+async def get(conn: c.HttpConn, path: str) -> tuple[int, bytes]:
+    status, _, body = await conn.request("GET", path)
+    return status, body
+
+
+def scrape(port: int) -> dict:
+    async def once():
+        conn = await c.HttpConn(c.LOOPBACK, port).open()
+        try:
+            status, body = await get(conn, "/metrics")
+        finally:
+            conn.close()
+        assert status == 200, status
+        return parse_metrics(body.decode())
+    return asyncio.run(once())
+
+
+def status_of(port: int) -> dict:
+    async def once():
+        conn = await c.HttpConn(c.LOOPBACK, port).open()
+        try:
+            return json.loads((await get(conn, "/status"))[1])
+        finally:
+            conn.close()
+    return asyncio.run(once())
+
+
+def cpu_seconds(pid: int) -> float:
+    return c.process_jiffies(pid) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- load
+
+async def enqueue(port: int, client_ids: list[str]) -> dict:
+    conns = [await c.HttpConn(c.LOOPBACK, port).open() for _ in range(CLIENTS)]
+    statuses: dict[int, int] = {}
+    pending = iter(enumerate(client_ids))
+
+    async def worker(conn):
+        for index, client_id in pending:
+            body = json.dumps({"workflow": ALIAS, "1/color": index % 0xFFFFFF}).encode()
+            status, _, _ = await conn.request("POST", f"/generate-based-workflow?clientId={client_id}", body,
+                                              {"Content-Type": "application/json"})
+            statuses[status] = statuses.get(status, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(conn) for conn in conns))
+    elapsed = time.perf_counter() - t0
+    for conn in conns:
+        conn.close()
+    return {"rps": statuses.get(200, 0) / elapsed, "statuses": statuses, "seconds": elapsed}
+
+
+async def watch(port: int, client_ids: list[str], seconds: float, poll_rate: float) -> dict:
+    """What clients see during the window: /execution-info of random jobs, /status every 2 s."""
+    polls: list[float] = []
+    statuses: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def poller():
+        conn = await c.HttpConn(c.LOOPBACK, port).open()
+        pace = 1.0 / poll_rate
+        next_at = time.perf_counter()
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            await get(conn, f"/execution-info?clientId={random.choice(client_ids)}")
+            polls.append(time.perf_counter() - t)
+            next_at += pace
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        conn.close()
+
+    async def status_reader():
+        conn = await c.HttpConn(c.LOOPBACK, port).open()
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            await get(conn, "/status")
+            statuses.append(time.perf_counter() - t)
+            await asyncio.sleep(2.0)
+        conn.close()
+
+    await asyncio.gather(*([poller()] if poll_rate > 0 else []), status_reader())
+    return {"poll_p50_ms": 1000 * c.median(polls) if polls else float("nan"),
+            "poll_p99_ms": 1000 * c.percentile(polls, 99) if polls else float("nan"),
+            "polls": len(polls), "status_max_ms": 1000 * max(statuses) if statuses else float("nan")}
+
+
+# ----------------------------------------------------------------------------- one run
+
+def one_run(args, backends: int, queued: int, run: int, profile: Path | None) -> dict:
+    job_seconds = backends / args.rate
+    with c.Stack(args, f"scale-{backends}-{queued}") as stack:
+        workflows = stack.dir / "workflows"
+        workflows.mkdir()
+        (workflows / "scale.json").write_text(json.dumps(WORKFLOW))
+        (workflows / "aliases.json").write_text(json.dumps({ALIAS: {"file": "scale.json", "inputs": ["1/color"]}}))
+        farms_n = max(1, min(args.farms, backends))
+        sizes = [backends // farms_n + (1 if i < backends % farms_n else 0) for i in range(farms_n)]
+        farms = [Farm(stack.root, stack.dir, f"farm{i}", n, job_seconds) for i, n in enumerate(sizes)]
+        stack.sims.extend(farms)  # stopped, and their CPU counted as ours, by the Stack
+        for farm in farms:
+            farm.wait_ready()
+        addresses = [_Address(a) for farm in farms for a in farm.addresses]
+        settings = {"MAX_QUEUE": str(queued + 1000), "RESULT_TTL": "3600",
+                    "WORKFLOW_DIR": str(workflows), "WORKFLOW_ALIAS": str(workflows / "aliases.json"),
+                    **c.extra_settings(args)}
+        t_start = time.monotonic()
+        bridge = stack.bridge = c.BridgeProc(stack.root, stack.dir, addresses, settings, profile)
+        bridge.wait_ready(deadline=180.0)
+        ready_seconds = time.monotonic() - t_start
+        pid = bridge.python_pid
+
+        # idle: every backend up, nothing queued
+        time.sleep(1.0)
+        m0, cpu0, t0 = scrape(bridge.port), cpu_seconds(pid), time.monotonic()
+        time.sleep(args.idle)
+        m1, cpu1, t1 = scrape(bridge.port), cpu_seconds(pid), time.monotonic()
+        idle_lag, idle_worst, _ = histogram_quantile(m1, m0, "bridge_event_loop_lag_seconds", 0.99)
+        idle_cpu = (cpu1 - cpu0) / (t1 - t0)
+
+        client_ids = [f"scale-{run}-{i}" for i in range(queued)]
+        sent = asyncio.run(enqueue(bridge.port, client_ids))
+
+        # flow: wait until every backend has finished one job, then measure a window
+        deadline = time.monotonic() + job_seconds * 3 + 60
+        while True:
+            st = status_of(bridge.port)
+            done = sum(1 for b in st["backends"] if b["completed"] >= 1)
+            if done >= backends:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {done} of {backends} backends finished a job in time")
+            time.sleep(0.5)
+        queue_start = st["queue"]["length"]
+        m0, cpu0, t0 = scrape(bridge.port), cpu_seconds(pid), time.monotonic()
+        completed0 = sum(b["completed"] for b in st["backends"])
+        seen = asyncio.run(watch(bridge.port, client_ids, args.window, args.poll_rate))
+        m1, cpu1, t1 = scrape(bridge.port), cpu_seconds(pid), time.monotonic()
+        st = status_of(bridge.port)
+        busy = sum(1 for b in st["backends"] if b["in_flight"] >= 1)
+        completed = sum(b["completed"] for b in st["backends"]) - completed0
+        placed = delta(m1, m0, "bridge_scheduler_placed_total")
+        runs = delta(m1, m0, "bridge_scheduler_runs_total")
+        sched = delta(m1, m0, "bridge_scheduler_seconds_total")
+        plan = delta(m1, m0, "bridge_scheduler_plan_seconds_total")
+        lag, worst, probes = histogram_quantile(m1, m0, "bridge_event_loop_lag_seconds", 0.99)
+        lag50, _, _ = histogram_quantile(m1, m0, "bridge_event_loop_lag_seconds", 0.50)
+        return {
+            "backends": backends, "queued": queued, "job_seconds": job_seconds, "ready_seconds": ready_seconds,
+            "idle_cpu": idle_cpu, "idle_lag_p99_ms": 1000 * idle_lag, "idle_lag_worst_ms": 1000 * idle_worst,
+            "enqueue_rps": sent["rps"], "enqueue_statuses": sent["statuses"],
+            "queue_start": queue_start, "queue_end": st["queue"]["length"], "busy_end": busy,
+            "window": t1 - t0, "completed": completed, "placed": placed, "jobs_per_s": placed / (t1 - t0),
+            "cpu": (cpu1 - cpu0) / (t1 - t0), "cpu_ms_per_job": 1000 * (cpu1 - cpu0) / max(placed, 1),
+            "lag_p99_ms": 1000 * lag, "lag_p50_ms": 1000 * lag50, "lag_worst_ms": 1000 * worst, "probes": probes,
+            "sched_us_per_job": 1e6 * sched / max(placed, 1), "sched_us_per_run": 1e6 * sched / max(runs, 1),
+            "plan_us_per_job": 1e6 * plan / max(placed, 1), "plan_us_per_run": 1e6 * plan / max(runs, 1),
+            "sched_runs_per_job": runs / max(placed, 1), "sched_share": sched / (t1 - t0), **seen,
+        }
+
+
+def describe(r: dict) -> str:
+    return (f"{r['backends']} backends, {r['queued']} queued: ready in {r['ready_seconds']:.1f} s, idle cpu "
+            f"{100 * r['idle_cpu']:.1f}% lag p99 {r['idle_lag_p99_ms']:.1f} ms; enqueue {r['enqueue_rps']:.0f} req/s "
+            f"{r['enqueue_statuses']}; flow {r['jobs_per_s']:.1f} jobs/s (queue {r['queue_start']} -> {r['queue_end']}, "
+            f"{r['busy_end']} busy), cpu {100 * r['cpu']:.0f}% = {r['cpu_ms_per_job']:.2f} ms/job, lag p50 "
+            f"{r['lag_p50_ms']:.1f} p99 {r['lag_p99_ms']:.1f} ms (worst <= {r['lag_worst_ms']:.0f} ms, {r['probes']} "
+            f"probes), scheduler {r['sched_us_per_job']:.0f} us/job (plan {r['plan_us_per_job']:.0f}), "
+            f"{r['sched_us_per_run']:.0f} us/run (plan {r['plan_us_per_run']:.0f}), "
+            f"{r['sched_runs_per_job']:.1f} runs/job ({100 * r['sched_share']:.1f}% of the time); execution-info "
+            f"p50 {r['poll_p50_ms']:.1f} p99 {r['poll_p99_ms']:.1f} ms ({r['polls']} polls), /status max "
+            f"{r['status_max_ms']:.0f} ms")
+
+
+def main() -> int:
+    p = c.parser(__doc__.split("\n\n")[0], runs=1)
+    p.add_argument("--backends", default="30,300", help="comma-separated backend counts (default 30,300)")
+    p.add_argument("--queued", default="1000,10000", help="comma-separated queue lengths (default 1000,10000)")
+    p.add_argument("--rate", type=float, default=30.0, help="jobs/s the backends finish together (default 30)")
+    p.add_argument("--window", type=float, default=15.0, help="measured seconds of flow (default 15)")
+    p.add_argument("--idle", type=float, default=5.0, help="measured idle seconds (default 5)")
+    p.add_argument("--poll-rate", type=float, default=20.0, help="GET /execution-info per second (default 20)")
+    p.add_argument("--farms", type=int, default=2, help="simulator processes (default 2)")
+    p.add_argument("--quiet-wait", type=float, default=c.QUIET_WAIT,
+                   help=f"longest wait for a quiet machine before a run (default {c.QUIET_WAIT:g} s)")
+    p.add_argument("--attempts", type=int, default=1, help="repeat a run with foreign load up to this often")
+    args = p.parse_args()
+    c.raise_nofile()
+    c.wait_quiet = functools.partial(c.wait_quiet, max_wait=args.quiet_wait)
+    pairs = [(int(b), int(q)) for b in args.backends.split(",") for q in args.queued.split(",")]
+    rows, results = [], []
+    for i, (backends, queued) in enumerate(pairs):
+        runs = []
+        for r in range(args.runs):
+            profile = c.profile_path(args) if (i == len(pairs) - 1 and r == args.runs - 1) else None
+            res = c.quiet_run(lambda: one_run(args, backends, queued, r, profile), attempts=args.attempts)
+            runs.append(res)
+            print(describe(res), file=sys.stderr, flush=True)
+        results.append(runs)
+        tag = f"{backends} backends, {queued:,} queued"
+        lag = c.spread([x["lag_p99_ms"] for x in runs])
+        rows += [
+            {"figure": f"event-loop lag p99, {tag}, all busy, jobs flowing", "goal": f"<= {GOAL_LAG_P99_MS:g} ms",
+             "value": f"{c.fmt_spread(lag, ' ms', 1)}; p50 {c.median([x['lag_p50_ms'] for x in runs]):.1f} ms",
+             "met": lag["median"] <= GOAL_LAG_P99_MS, "number": lag["median"]},
+            {"figure": f"scheduling time per dispatched job, {tag}", "goal": "flat in the queue's length",
+             "value": (f"{c.fmt_spread(c.spread([x['sched_us_per_job'] for x in runs]), ' us', 0)} choosing and "
+                       f"dispatching, of which choosing (Scheduler.plan) "
+                       f"{c.median([x['plan_us_per_job'] for x in runs]):.0f} us; "
+                       f"{c.median([x['sched_runs_per_job'] for x in runs]):.1f} runs/job"),
+             "met": None, "number": c.median([x["sched_us_per_job"] for x in runs])},
+            {"figure": f"bridge CPU per dispatched job, {tag}", "goal": "flat in backends and queue",
+             "value": (f"{c.fmt_spread(c.spread([x['cpu_ms_per_job'] for x in runs]), ' ms', 2)} at "
+                       f"{c.median([x['jobs_per_s'] for x in runs]):.1f} jobs/s"),
+             "met": None, "number": c.median([x["cpu_ms_per_job"] for x in runs])},
+            {"figure": f"bridge CPU idle, {backends} backends up", "goal": "small",
+             "value": f"{c.fmt_spread(c.spread([100 * x['idle_cpu'] for x in runs]), '% of a core', 1)}",
+             "met": None, "number": c.median([100 * x["idle_cpu"] for x in runs])},
+            {"figure": f"GET /execution-info p99 during the flow, {tag}", "goal": "small",
+             "value": f"{c.fmt_spread(c.spread([x['poll_p99_ms'] for x in runs]), ' ms', 1)}",
+             "met": None, "number": c.median([x["poll_p99_ms"] for x in runs])},
+            {"figure": f"enqueue rate, {tag} (64 clients)", "goal": "",
+             "value": f"{c.fmt_spread(c.spread([x['enqueue_rps'] for x in runs]), ' req/s', 0)}",
+             "met": None, "number": c.median([x["enqueue_rps"] for x in runs])},
+        ]
+    notes = [f"job run time = backends / {args.rate:g} s (one SimSlowProgress tick), so every pair flows at about "
+             f"{args.rate:g} jobs/s; {args.farms} simulator processes; window {args.window:g} s after every backend "
+             f"finished a job; idle {args.idle:g} s; bridge at LOGGING_LEVEL="
+             f"{c.extra_settings(args).get('LOGGING_LEVEL', 'INFO')}",
+             "lag and scheduling time from the bridge's /metrics (lag probe every 50 ms; p99 interpolated in "
+             "the histogram bucket); CPU from /proc of the bridge's process"]
+    c.report("scale of one bridge: many backends, a long queue", args, rows, notes,
+             extra={"results": results})
+    if args.profile:
+        print(c.summarize_profile(Path(args.profile)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
