@@ -86,13 +86,14 @@ def _limits(workflow, backends) -> dict[str, dict]:
     """Exposed input -> its limits (`answers.input_limits`) as the first backend that is up,
     may run the workflow and knows the node's class describes them (the bridge is normally in
     front of identical servers). File inputs have none: the bridge places their files itself."""
-    sources = [getattr(b, "object_info", None) for b in backends
-               if b.up and (workflow.backends is None or b.address in workflow.backends)]
+    def sources():  # lazily: the first backend up usually describes every node (300 may be configured)
+        return (getattr(b, "object_info", None) for b in backends
+                if b.up and (workflow.backends is None or b.address in workflow.backends))
     found: dict[str, dict] = {}
     for key, exposed in workflow.inputs.items():
         if exposed.is_file:
             continue
-        info = next((i for i in sources if isinstance(i, dict) and exposed.class_type in i), None)
+        info = next((i for i in sources() if isinstance(i, dict) and exposed.class_type in i), None)
         limits = input_limits(input_spec(info, exposed.class_type, exposed.name)) if info else {}
         if exposed.type not in ("int", "float"):  # e.g. a number written as a string in the file
             limits = {k: v for k, v in limits.items() if k == "choices"}

@@ -216,3 +216,26 @@ async def test_on_read_limit_hands_over_the_socket_before_tornado_closes_it():
     stream.close()
     theirs.close()
     assert called == []
+
+
+def test_input_limits_read_the_first_backend_that_describes_the_node_not_all_of_them():
+    from types import SimpleNamespace
+
+    from balancer.intake import _limits
+    reads = 0
+
+    class Described:
+        up, address = True, "b:1"
+
+        @property
+        def object_info(self):
+            nonlocal reads
+            reads += 1
+            return {"EmptyImage": {"input": {"required": {"width": ["INT", {"min": 1, "max": 16384}],
+                                                          "height": ["INT", {"min": 1, "max": 16384}]}}}}
+    exposed = {key: SimpleNamespace(is_file=False, class_type="EmptyImage", name=key[2:], type="int")
+               for key in ("1/width", "1/height")}
+    workflow = SimpleNamespace(backends=None, inputs=exposed)
+    limits = _limits(workflow, [Described() for _ in range(300)])
+    assert limits == {"1/width": {"min": 1, "max": 16384}, "1/height": {"min": 1, "max": 16384}}
+    assert reads == 2  # one per input, from the first backend (was: one per backend configured)
