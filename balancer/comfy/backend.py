@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -37,6 +38,12 @@ HEALTH_MISSES_ALLOWED = 2
 # detection ejects a host after 5 consecutive 5xx). A refused or lost connection needs one.
 FAILURES_BEFORE_DOWN = 5
 UNREACHABLE_LOG_EVERY = 60.0
+
+
+def probe_phase(address: str) -> float:
+    """Where in the health interval this backend's probes fall, in (0, 1]: backends that came
+    up together (a bridge starting with 300) probe spread over the interval, not in one burst."""
+    return (zlib.crc32(address.encode()) % 1000 + 1) / 1000
 
 
 class PromptListener(Protocol):
@@ -221,8 +228,10 @@ class Backend:
         loop, yet never answers a request: only a request with a deadline notices. Two misses
         in a row are needed, so one slow answer from a busy GPU server does not move its jobs."""
         misses = 0
+        delay = self.health_interval * probe_phase(self.address)
         while self.up:
-            await asyncio.sleep(self.health_interval)
+            await asyncio.sleep(delay)
+            delay = self.health_interval
             try:
                 await self.http.call("GET", "/system_stats", timeout=self.health_interval, counts=False,
                                      retry=False)
