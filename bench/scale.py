@@ -12,9 +12,10 @@ For each (backends, queued) pair: simulated servers run as a few farms (`python 
            p99, the dispatcher's time per decision, and what clients see meanwhile (GET
            /execution-info of random queued jobs at `--poll-rate`, GET /status every 2 s).
 
-Each job is one SimSlowProgress tick on a tiny EmptyImage (its colour differs per job, so no
-cache hit); its run time is backends / `--rate`, so every pair dispatches about `--rate` jobs/s
-and the per-job figures compare across pairs. Event-loop lag and scheduling time come from the
+Each job is 1 to 4 SimSlowProgress ticks (drawn per job, so the backends do not finish in
+waves) on a tiny EmptyImage (its colour differs per job, so no cache hit); its mean run time is
+backends / `--rate`, so every pair dispatches about `--rate` jobs/s and the per-job figures
+compare across pairs. Event-loop lag and scheduling time come from the
 bridge's own /metrics (`bridge_event_loop_lag_seconds`, `bridge_scheduler_*`): p99 is read from
 the histogram's buckets (linear inside the bucket). Nobody fetches results (GET /history):
 done jobs stay in memory, as they would for clients that collect them late.
@@ -39,9 +40,10 @@ import _common as c  # noqa: E402
 GOAL_LAG_P99_MS = 50.0
 CLIENTS = 64
 ALIAS = "scale"
+MAX_STEPS = 4   # a job is 1..4 ticks, 2.5 on average
 WORKFLOW = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-    "2": {"class_type": "SimSlowProgress", "inputs": {"image": ["1", 0], "steps": 1}},
+    "2": {"class_type": "SimSlowProgress", "inputs": {"image": ["1", 0], "steps": 2}},
     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "scale"}},
 }
 
@@ -157,10 +159,12 @@ async def enqueue(port: int, client_ids: list[str]) -> dict:
     conns = [await c.HttpConn(c.LOOPBACK, port).open() for _ in range(CLIENTS)]
     statuses: dict[int, int] = {}
     pending = iter(enumerate(client_ids))
+    draw = random.Random(14)
+    steps = [draw.randint(1, MAX_STEPS) for _ in client_ids]
 
     async def worker(conn):
         for index, client_id in pending:
-            body = json.dumps({"workflow": ALIAS, "1/color": index % 0xFFFFFF}).encode()
+            body = json.dumps({"workflow": ALIAS, "1/color": index % 0xFFFFFF, "2/steps": steps[index]}).encode()
             status, _, _ = await conn.request("POST", f"/generate-based-workflow?clientId={client_id}", body,
                                               {"Content-Type": "application/json"})
             statuses[status] = statuses.get(status, 0) + 1
@@ -214,10 +218,11 @@ def one_run(args, backends: int, queued: int, run: int, profile: Path | None) ->
         workflows = stack.dir / "workflows"
         workflows.mkdir()
         (workflows / "scale.json").write_text(json.dumps(WORKFLOW))
-        (workflows / "aliases.json").write_text(json.dumps({ALIAS: {"file": "scale.json", "inputs": ["1/color"]}}))
+        (workflows / "aliases.json").write_text(json.dumps({ALIAS: {"file": "scale.json", "inputs": ["1/color", "2/steps"]}}))
         farms_n = max(1, min(args.farms, backends))
         sizes = [backends // farms_n + (1 if i < backends % farms_n else 0) for i in range(farms_n)]
-        farms = [Farm(stack.root, stack.dir, f"farm{i}", n, job_seconds) for i, n in enumerate(sizes)]
+        tick = job_seconds / ((1 + MAX_STEPS) / 2)
+        farms = [Farm(stack.root, stack.dir, f"farm{i}", n, tick) for i, n in enumerate(sizes)]
         stack.sims.extend(farms)  # stopped, and their CPU counted as ours, by the Stack
         for farm in farms:
             farm.wait_ready()
@@ -344,7 +349,7 @@ def main() -> int:
              "value": f"{c.fmt_spread(c.spread([x['enqueue_rps'] for x in runs]), ' req/s', 0)}",
              "met": None, "number": c.median([x["enqueue_rps"] for x in runs])},
         ]
-    notes = [f"job run time = backends / {args.rate:g} s (one SimSlowProgress tick), so every pair flows at about "
+    notes = [f"job run time = backends / {args.rate:g} s on average (1 to {MAX_STEPS} SimSlowProgress ticks), so every pair flows at about "
              f"{args.rate:g} jobs/s; {args.farms} simulator processes; window {args.window:g} s after every backend "
              f"finished a job; idle {args.idle:g} s; bridge at LOGGING_LEVEL="
              f"{c.extra_settings(args).get('LOGGING_LEVEL', 'INFO')}",
