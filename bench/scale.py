@@ -22,6 +22,7 @@ done jobs stay in memory, as they would for clients that collect them late.
 
     .venv/bin/python bench/scale.py                                   # 30 and 300 backends x 1,000 and 10,000 queued
     .venv/bin/python bench/scale.py --backends 300 --queued 10000 --profile /tmp/scale.pyspy
+    .venv/bin/python bench/scale.py --backends 300 --queued 10000 --pinned-share 0.1   # a pinned workflow
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import _common as c  # noqa: E402
 GOAL_LAG_P99_MS = 50.0
 CLIENTS = 64
 ALIAS = "scale"
+PINNED = "scale-pinned"   # the same workflow, allowed on a few backends only (--pinned-share)
 MAX_STEPS = 4   # a job is 1..4 ticks, 2.5 on average
 WORKFLOW = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -155,16 +157,18 @@ def cpu_seconds(pid: int) -> float:
 
 # ----------------------------------------------------------------------------- load
 
-async def enqueue(port: int, client_ids: list[str]) -> dict:
+async def enqueue(port: int, client_ids: list[str], pinned_share: float) -> dict:
     conns = [await c.HttpConn(c.LOOPBACK, port).open() for _ in range(CLIENTS)]
     statuses: dict[int, int] = {}
     pending = iter(enumerate(client_ids))
     draw = random.Random(14)
     steps = [draw.randint(1, MAX_STEPS) for _ in client_ids]
+    every = round(1 / pinned_share) if pinned_share else 0
 
     async def worker(conn):
         for index, client_id in pending:
-            body = json.dumps({"workflow": ALIAS, "1/color": index % 0xFFFFFF, "2/steps": steps[index]}).encode()
+            alias = PINNED if every and index % every == every - 1 else ALIAS
+            body = json.dumps({"workflow": alias, "1/color": index % 0xFFFFFF, "2/steps": steps[index]}).encode()
             status, _, _ = await conn.request("POST", f"/generate-based-workflow?clientId={client_id}", body,
                                               {"Content-Type": "application/json"})
             statuses[status] = statuses.get(status, 0) + 1
@@ -232,7 +236,6 @@ def one_run(args, backends: int, queued: int, run: int, profile: Path | None) ->
         workflows = stack.dir / "workflows"
         workflows.mkdir()
         (workflows / "scale.json").write_text(json.dumps(WORKFLOW))
-        (workflows / "aliases.json").write_text(json.dumps({ALIAS: {"file": "scale.json", "inputs": ["1/color", "2/steps"]}}))
         farms_n = max(1, min(args.farms, backends))
         sizes = [backends // farms_n + (1 if i < backends % farms_n else 0) for i in range(farms_n)]
         tick = job_seconds / ((1 + MAX_STEPS) / 2)
@@ -242,6 +245,9 @@ def one_run(args, backends: int, queued: int, run: int, profile: Path | None) ->
         for farm in farms:
             farm.wait_ready()
         addresses = [_Address(a) for farm in farms for a in farm.addresses]
+        entry = {"file": "scale.json", "inputs": ["1/color", "2/steps"]}
+        pinned_to = [a.address for a in addresses[:args.pinned_backends]]
+        (workflows / "aliases.json").write_text(json.dumps({ALIAS: entry, PINNED: {**entry, "backends": pinned_to}}))
         settings = {"MAX_QUEUE": str(queued + 1000), "RESULT_TTL": "3600",
                     "WORKFLOW_DIR": str(workflows), "WORKFLOW_ALIAS": str(workflows / "aliases.json"),
                     **c.extra_settings(args)}
@@ -260,7 +266,7 @@ def one_run(args, backends: int, queued: int, run: int, profile: Path | None) ->
         idle_cpu = (cpu1 - cpu0) / (t1 - t0)
 
         client_ids = [f"scale-{run}-{i}" for i in range(queued)]
-        sent = asyncio.run(enqueue(bridge.port, client_ids))
+        sent = asyncio.run(enqueue(bridge.port, client_ids, args.pinned_share))
 
         # flow: wait until every backend has finished one job, then measure a window
         deadline = time.monotonic() + job_seconds * 3 + 60
@@ -325,6 +331,10 @@ def main() -> int:
     p.add_argument("--window", type=float, default=15.0, help="measured seconds of flow (default 15)")
     p.add_argument("--idle", type=float, default=5.0, help="measured idle seconds (default 5)")
     p.add_argument("--poll-rate", type=float, default=20.0, help="GET /execution-info per second (default 20)")
+    p.add_argument("--pinned-share", type=float, default=0.0,
+                   help="share of the jobs whose workflow may run only on --pinned-backends backends "
+                        "(e.g. 0.1: every 10th job); they pile up at the head of the queue (default 0)")
+    p.add_argument("--pinned-backends", type=int, default=3)
     p.add_argument("--farms", type=int, default=2, help="simulator processes (default 2)")
     p.add_argument("--quiet-wait", type=float, default=c.QUIET_WAIT,
                    help=f"longest wait for a quiet machine before a run (default {c.QUIET_WAIT:g} s)")
@@ -342,7 +352,8 @@ def main() -> int:
             runs.append(res)
             print(describe(res), file=sys.stderr, flush=True)
         results.append(runs)
-        tag = f"{backends} backends, {queued:,} queued"
+        tag = f"{backends} backends, {queued:,} queued" + (
+            f", {100 * args.pinned_share:g}% pinned to {args.pinned_backends}" if args.pinned_share else "")
         lag = c.spread([x["lag_p99_ms"] for x in runs])
         rows += [
             {"figure": f"event-loop lag p99, {tag}, all busy, jobs flowing", "goal": f"<= {GOAL_LAG_P99_MS:g} ms",
@@ -377,7 +388,10 @@ def main() -> int:
         ]
     notes = [f"job run time = backends / {args.rate:g} s on average (1 to {MAX_STEPS} SimSlowProgress ticks), so every pair flows at about "
              f"{args.rate:g} jobs/s; {args.farms} simulator processes; window {args.window:g} s after every backend "
-             f"finished a job; idle {args.idle:g} s; bridge at LOGGING_LEVEL="
+             f"finished a job; idle {args.idle:g} s; "
+             + (f"every {round(1 / args.pinned_share)}th job allowed on {args.pinned_backends} backends only; "
+                if args.pinned_share else "")
+             + "bridge at LOGGING_LEVEL="
              f"{c.extra_settings(args).get('LOGGING_LEVEL', 'INFO')}",
              "lag and scheduling time from the bridge's /metrics (lag probe every 50 ms; p99 interpolated in "
              "the histogram bucket); CPU from /proc of the bridge's process"]
