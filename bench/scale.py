@@ -7,8 +7,9 @@ For each (backends, queued) pair: simulated servers run as a few farms (`python 
   idle     the bridge with every backend up and nothing to do (health probes and websockets
            only): its CPU and event-loop lag;
   enqueue  `--queued` jobs sent by 64 keep-alive clients, as fast as the bridge takes them;
-  flow     once every backend has finished a job (all busy, jobs flowing), a window of
-           `--window` seconds: jobs dispatched, bridge CPU per dispatched job, event-loop lag
+  flow     once as many jobs ended as there are backends (all busy, jobs flowing), a window
+           of `--window` seconds (shorter if the queue left would run dry before its end):
+           jobs dispatched, bridge CPU per dispatched job, event-loop lag
            p99, the dispatcher's time per decision, and what clients see meanwhile (GET
            /execution-info of random queued jobs at `--poll-rate`, GET /status every 2 s).
 
@@ -268,20 +269,23 @@ def one_run(args, backends: int, queued: int, run: int, profile: Path | None) ->
         client_ids = [f"scale-{run}-{i}" for i in range(queued)]
         sent = asyncio.run(enqueue(bridge.port, client_ids, args.pinned_share))
 
-        # flow: wait until every backend has finished one job, then measure a window
+        # flow: wait until as many jobs ended as there are backends (the first round is over and
+        # the backends, running jobs of different lengths, no longer finish together), then
+        # measure a window that ends before the queue could run dry
         deadline = time.monotonic() + job_seconds * 3 + 60
         while True:
             st = status_of(bridge.port)
-            done = sum(1 for b in st["backends"] if b["completed"] >= 1)
+            done = sum(b["completed"] for b in st["backends"])
             if done >= backends:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {done} of {backends} backends finished a job in time")
+                raise RuntimeError(f"only {done} jobs of {backends} backends ended in time")
             time.sleep(0.5)
         queue_start = st["queue"]["length"]
+        window = min(args.window, 0.8 * queue_start / args.rate)
         m0, cpu0, t0 = scrape(bridge.port), cpu_seconds(pid), time.monotonic()
         completed0 = sum(b["completed"] for b in st["backends"])
-        seen = asyncio.run(watch(bridge.port, client_ids, args.window, args.poll_rate))
+        seen = asyncio.run(watch(bridge.port, client_ids, window, args.poll_rate))
         m1, cpu1, t1 = scrape(bridge.port), cpu_seconds(pid), time.monotonic()
         st = status_of(bridge.port)
         busy = sum(1 for b in st["backends"] if b["in_flight"] >= 1)
@@ -387,8 +391,8 @@ def main() -> int:
              "met": None, "number": c.median([x["enqueue_rps"] for x in runs])},
         ]
     notes = [f"job run time = backends / {args.rate:g} s on average (1 to {MAX_STEPS} SimSlowProgress ticks), so every pair flows at about "
-             f"{args.rate:g} jobs/s; {args.farms} simulator processes; window {args.window:g} s after every backend "
-             f"finished a job; idle {args.idle:g} s; "
+             f"{args.rate:g} jobs/s; {args.farms} simulator processes; window {args.window:g} s (at most 0.8 x what "
+             f"the queue left lasts) once as many jobs ended as there are backends; idle {args.idle:g} s; "
              + (f"every {round(1 / args.pinned_share)}th job allowed on {args.pinned_backends} backends only; "
                 if args.pinned_share else "")
              + "bridge at LOGGING_LEVEL="

@@ -2,6 +2,7 @@
 start, the warning for a key given as a flag, and where a setting came from."""
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
@@ -100,7 +101,6 @@ def test_a_key_from_the_environment_is_not_warned_about(tmp_path):
 
 
 def test_settle_heap_takes_what_exists_out_of_the_collectors_walks():
-    import gc
     try:
         kept = [[i] for i in range(1000)]  # tracked objects alive at start-up
         assert settle_heap() >= len(kept)
