@@ -282,7 +282,7 @@ def one_run(args, backends: int, queued: int, run: int, profile: Path | None) ->
                 raise RuntimeError(f"only {done} jobs of {backends} backends ended in time")
             time.sleep(0.5)
         queue_start = st["queue"]["length"]
-        window = min(args.window, 0.8 * queue_start / args.rate)
+        window = min(args.window, 0.6 * queue_start / args.rate)
         m0, cpu0, t0 = scrape(bridge.port), cpu_seconds(pid), time.monotonic()
         completed0 = sum(b["completed"] for b in st["backends"])
         seen = asyncio.run(watch(bridge.port, client_ids, window, args.poll_rate))
@@ -391,7 +391,7 @@ def main() -> int:
              "met": None, "number": c.median([x["enqueue_rps"] for x in runs])},
         ]
     notes = [f"job run time = backends / {args.rate:g} s on average (1 to {MAX_STEPS} SimSlowProgress ticks), so every pair flows at about "
-             f"{args.rate:g} jobs/s; {args.farms} simulator processes; window {args.window:g} s (at most 0.8 x what "
+             f"{args.rate:g} jobs/s; {args.farms} simulator processes; window {args.window:g} s (at most 0.6 x what "
              f"the queue left lasts) once as many jobs ended as there are backends; idle {args.idle:g} s; "
              + (f"every {round(1 / args.pinned_share)}th job allowed on {args.pinned_backends} backends only; "
                 if args.pinned_share else "")
