@@ -72,10 +72,13 @@ class JobIntake:
     @staticmethod
     def _check_runnable(workflow, job: Job, backends) -> None:
         """Refused when every backend whose node classes are known lacks one the workflow needs."""
-        candidates = [b for b in backends if workflow.backends is None or b.address in workflow.backends]
-        if workflow.backends is not None and not candidates:
-            raise Refused(f"workflow '{workflow.alias}' names backends that are not configured: "
-                          + ", ".join(workflow.backends))
+        if workflow.backends is None:
+            candidates = backends  # not copied: the first able backend usually answers (300 may be configured)
+        else:
+            candidates = [b for b in backends if b.address in workflow.backends]
+            if not candidates:
+                raise Refused(f"workflow '{workflow.alias}' names backends that are not configured: "
+                              + ", ".join(workflow.backends))
         if not candidates or any(not b.node_classes or can_run(job, b) for b in candidates):
             return  # some backend can run it, or is not known yet: let it queue
         missing = sorted(workflow.class_types - candidates[-1].node_classes)
