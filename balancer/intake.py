@@ -72,10 +72,13 @@ class JobIntake:
     @staticmethod
     def _check_runnable(workflow, job: Job, backends) -> None:
         """Refused when every backend whose node classes are known lacks one the workflow needs."""
-        candidates = [b for b in backends if workflow.backends is None or b.address in workflow.backends]
-        if workflow.backends is not None and not candidates:
-            raise Refused(f"workflow '{workflow.alias}' names backends that are not configured: "
-                          + ", ".join(workflow.backends))
+        if workflow.backends is None:
+            candidates = backends  # not copied: the first able backend usually answers (300 may be configured)
+        else:
+            candidates = [b for b in backends if b.address in workflow.backends]
+            if not candidates:
+                raise Refused(f"workflow '{workflow.alias}' names backends that are not configured: "
+                              + ", ".join(workflow.backends))
         if not candidates or any(not b.node_classes or can_run(job, b) for b in candidates):
             return  # some backend can run it, or is not known yet: let it queue
         missing = sorted(workflow.class_types - candidates[-1].node_classes)
@@ -86,13 +89,14 @@ def _limits(workflow, backends) -> dict[str, dict]:
     """Exposed input -> its limits (`answers.input_limits`) as the first backend that is up,
     may run the workflow and knows the node's class describes them (the bridge is normally in
     front of identical servers). File inputs have none: the bridge places their files itself."""
-    sources = [getattr(b, "object_info", None) for b in backends
-               if b.up and (workflow.backends is None or b.address in workflow.backends)]
+    def sources():  # lazily: the first backend up usually describes every node (300 may be configured)
+        return (getattr(b, "object_info", None) for b in backends
+                if b.up and (workflow.backends is None or b.address in workflow.backends))
     found: dict[str, dict] = {}
     for key, exposed in workflow.inputs.items():
         if exposed.is_file:
             continue
-        info = next((i for i in sources if isinstance(i, dict) and exposed.class_type in i), None)
+        info = next((i for i in sources() if isinstance(i, dict) and exposed.class_type in i), None)
         limits = input_limits(input_spec(info, exposed.class_type, exposed.name)) if info else {}
         if exposed.type not in ("int", "float"):  # e.g. a number written as a string in the file
             limits = {k: v for k, v in limits.items() if k == "choices"}

@@ -10,6 +10,7 @@ in one process (the tests) do not clash. Two kinds of series:
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -23,6 +24,9 @@ log = logging.getLogger("bridge.metrics")
 DURATION_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 # Waiting in the bridge's queue: nothing with an idle backend, minutes under load.
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+# How late a callback runs after its time: ~0 on an idle loop; tens of ms is a stall clients feel.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LAG_PROBE_INTERVAL = 0.05  # seconds between probes: 20 cheap callbacks a second
 OUTCOMES = ("done", "failed", "cancelled")
 _CANCEL_MEMORY = 10_000
 
@@ -66,11 +70,19 @@ class BridgeMetrics:
         self.http_duration = Histogram(
             "bridge_http_request_duration_seconds", "Time to answer an HTTP request (websockets: "
             "the upgrade only).", ["handler"], registry=r)
+        self.loop_lag = Histogram(
+            "bridge_event_loop_lag_seconds", f"How late a callback scheduled every {LAG_PROBE_INTERVAL:g} s "
+            "ran: the time everything else on the event loop made it wait.", buckets=LAG_BUCKETS, registry=r)
+        self.lag_probe = LoopLagProbe(self.loop_lag.observe)
         r.register(_StateCollector(service, hub, state))
         self._cancelled: set[str] = set()  # job ids whose "failed" event follows their "cancelled"
         service.observers.append(self.on_job_event)
 
+    def start(self) -> None:
+        self.lag_probe.start()
+
     def close(self) -> None:
+        self.lag_probe.stop()
         try:
             self.service.observers.remove(self.on_job_event)
         except ValueError:
@@ -136,6 +148,34 @@ class BridgeMetrics:
             self.http_duration.labels(handler_name).observe(seconds)
 
 
+class LoopLagProbe:
+    """Schedules itself every `interval` seconds and reports how late it ran (`observe(seconds)`)."""
+
+    def __init__(self, observe, interval: float = LAG_PROBE_INTERVAL):
+        self.observe = observe
+        self.interval = interval
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    def start(self, loop=None) -> None:
+        loop = loop or asyncio.get_running_loop()
+        self._schedule(loop, loop.time())
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self, loop, now: float) -> None:
+        self._due = now + self.interval
+        self._handle = loop.call_at(self._due, self._fire, loop)
+
+    def _fire(self, loop) -> None:
+        now = loop.time()
+        self.observe(max(0.0, now - self._due))  # asyncio may run a timer up to its clock resolution early
+        self._schedule(loop, now)
+
+
 class _StateCollector(Collector):
     """Series read at scrape time from the objects that hold the state."""
 
@@ -184,6 +224,16 @@ class _StateCollector(Collector):
             failures.add_metric([backend.address], backend.stats.call_failures)
         yield from (up, in_flight, runs, in_a_row, failures)
 
+        cost = service.scheduling
+        yield CounterMetricFamily("bridge_scheduler_runs", "Times the dispatcher asked the scheduler which "
+                                  "queued jobs can start (on every submit, slot freed, backend up).", value=cost.runs)
+        yield CounterMetricFamily("bridge_scheduler_seconds", "Time spent in those runs, choosing and "
+                                  "dispatching (divide by bridge_scheduler_placed for the cost of one decision).",
+                                  value=cost.seconds)
+        yield CounterMetricFamily("bridge_scheduler_plan_seconds", "The part of bridge_scheduler_seconds spent "
+                                  "choosing (Scheduler.plan), without dispatching.", value=cost.plan_seconds)
+        yield CounterMetricFamily("bridge_scheduler_placed", "Jobs those runs dispatched to a backend.",
+                                  value=cost.placed)
         yield GaugeMetricFamily("bridge_websocket_clients", "Open client websockets (/ws).",
                                 value=len(self.hub))
         yield CounterMetricFamily("bridge_generations", "Jobs backends finished successfully, ever "

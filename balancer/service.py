@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from logs import log_job_event
 from .comfy import api
@@ -31,6 +32,15 @@ log = logging.getLogger("bridge.jobs")
 RESUME_WAIT = 10.0   # seconds a restored job waits for its backend to come back
 
 
+@dataclass
+class SchedulingCost:
+    """What the dispatcher spent: runs of `_pump`, seconds in them, jobs they dispatched (/metrics)."""
+    runs: int = 0
+    seconds: float = 0.0        # choosing (Scheduler.plan) and dispatching
+    plan_seconds: float = 0.0   # choosing only
+    placed: int = 0
+
+
 class JobService:
     def __init__(self, settings, catalog, uploads, results, state, hub: StatusHub, store):
         self.settings = settings
@@ -47,6 +57,7 @@ class JobService:
                     on_up=self._backend_up, on_down=self._backend_down)
             for address in settings.comfyui_servers]
         self._pump_scheduled = False
+        self.scheduling = SchedulingCost()
         self._closing = False
         self._background: set[asyncio.Task] = set()
         self.counters: Counter[str] = Counter()  # events worth counting (metrics, tests)
@@ -220,11 +231,18 @@ class JobService:
     def _pump(self) -> None:
         """Give every queued job that some backend can take now to the scheduler's choice."""
         self._pump_scheduled = False
+        began = time.perf_counter()
         placed = self.scheduler.plan(self.queue, self.backends)
+        planned = time.perf_counter()
         for job, backend in placed:
             self._dispatch(job, backend)
         for job, _ in placed:
             self.queue.remove(job)
+        cost = self.scheduling
+        cost.runs += 1
+        cost.placed += len(placed)
+        cost.seconds += time.perf_counter() - began
+        cost.plan_seconds += planned - began
 
     def _dispatch(self, job: Job, backend: Backend) -> None:
         job.state = JobState.RUNNING

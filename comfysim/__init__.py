@@ -16,6 +16,8 @@ Usage::
     await sim.stop()
 
 Standalone: ``python -m comfysim --port 8188 --name X --tick-seconds 0.05 --profile 0.3.64``.
+Many in one process (a farm for benchmarks): ``python -m comfysim --count 300 --port 0
+--ports-file ports.json`` runs servers X-0 .. X-299, each with its own port, queue and history.
 
 Profiles (`profile=`, `sim.profile`; `legacy=True` is the old spelling of profile="legacy"):
 

@@ -227,3 +227,55 @@ async def test_on_read_limit_hands_over_the_socket_before_tornado_closes_it():
     stream.close()
     theirs.close()
     assert called == []
+
+
+def test_input_limits_read_the_first_backend_that_describes_the_node_not_all_of_them():
+    from types import SimpleNamespace
+
+    from balancer.intake import _limits
+    reads = 0
+
+    class Described:
+        up, address = True, "b:1"
+
+        @property
+        def object_info(self):
+            nonlocal reads
+            reads += 1
+            return {"EmptyImage": {"input": {"required": {"width": ["INT", {"min": 1, "max": 16384}],
+                                                          "height": ["INT", {"min": 1, "max": 16384}]}}}}
+    exposed = {key: SimpleNamespace(is_file=False, class_type="EmptyImage", name=key[2:], type="int")
+               for key in ("1/width", "1/height")}
+    workflow = SimpleNamespace(backends=None, inputs=exposed)
+    limits = _limits(workflow, [Described() for _ in range(300)])
+    assert limits == {"1/width": {"min": 1, "max": 16384}, "1/height": {"min": 1, "max": 16384}}
+    assert reads == 2  # one per input, from the first backend (was: one per backend configured)
+
+
+def test_a_runnable_job_is_accepted_after_looking_at_one_backend_not_all():
+    from types import SimpleNamespace
+
+    from balancer.intake import JobIntake
+    looked = 0
+
+    class Fleet:
+        def __init__(self, members):
+            self.members = members
+
+        def __iter__(self):
+            nonlocal looked
+            for backend in self.members:
+                looked += 1
+                yield backend
+
+        def __len__(self):
+            return len(self.members)
+
+        def __getitem__(self, index):
+            return self.members[index]
+    classes = frozenset({"EmptyImage", "SaveImage"})
+    fleet = Fleet([SimpleNamespace(address=f"b{i}:1", up=True, node_classes=classes) for i in range(300)])
+    workflow = SimpleNamespace(backends=None, alias="blank", class_types=classes)
+    job = SimpleNamespace(allowed_backends=None, refused_by={}, class_types=classes)
+    JobIntake._check_runnable(workflow, job, fleet)  # no Refused
+    assert looked == 1

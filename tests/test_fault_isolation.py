@@ -275,3 +275,64 @@ async def test_a_download_times_out_on_silence_not_on_its_length():
         transport.close()
         server.stop()
         await server.close_all_connections()
+
+
+def test_probe_phases_of_many_backends_spread_over_the_interval():
+    from collections import Counter
+
+    from balancer.comfy.backend import probe_phase
+    for addresses in ([f"127.0.0.1:{port}" for port in range(40000, 40300)], [f"gpu{i}:8188" for i in range(300)]):
+        phases = [probe_phase(a) for a in addresses]
+        assert all(0 < p <= 1 for p in phases)
+        tenths = Counter(min(int(p * 10), 9) for p in phases)
+        assert len(tenths) == 10 and max(tenths.values()) <= 60  # fair share 30: no burst
+
+
+async def test_the_first_health_probe_waits_for_the_backends_phase(monkeypatch):
+    from balancer.comfy import backend as backend_module
+    backend = Backend("10.0.0.7:8188", request_timeout=1, health_interval=4.0, on_up=lambda b: None,
+                      on_down=lambda b: None)
+    backend.up = True
+    waits, probes = [], []
+
+    async def no_wait(seconds):
+        waits.append(seconds)
+
+    async def probe(method, path, **kw):
+        probes.append(path)
+        if len(probes) == 2:
+            backend.up = False  # ends the watch
+        return {}
+    monkeypatch.setattr(backend_module.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(backend.http, "call", probe)
+    await backend._watch_health()
+    assert waits == [4.0 * backend_module.probe_phase("10.0.0.7:8188"), 4.0]
+    assert probes == ["/system_stats", "/system_stats"]
+    backend.http.close()
+
+
+async def test_no_health_probe_while_the_backends_calls_are_answered(monkeypatch):
+    from balancer.comfy import backend as backend_module
+    backend = Backend("10.0.0.8:8188", request_timeout=1, health_interval=4.0, on_up=lambda b: None,
+                      on_down=lambda b: None)
+    backend.up = True
+    rounds, probes = 0, []
+
+    async def no_wait(seconds):
+        nonlocal rounds
+        rounds += 1
+        if rounds <= 3:
+            backend._answered()               # a job's call was just answered
+        elif rounds == 4:
+            backend._last_answer -= 4.0       # its last answer is now an interval old
+        else:
+            backend.up = False                # ends the watch
+
+    async def probe(method, path, **kw):
+        probes.append(path)
+        return {}
+    monkeypatch.setattr(backend_module.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(backend.http, "call", probe)
+    await backend._watch_health()
+    assert probes == ["/system_stats"]  # only once no answer came for an interval
+    backend.http.close()

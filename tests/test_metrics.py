@@ -4,8 +4,10 @@ from __future__ import annotations
 import time
 
 import prometheus_client
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from balancer.metrics import LoopLagProbe
 from tests.conftest import new_client_id, png_bytes, wait_for
 
 STATE_SERIES = ("bridge_queue_length", "bridge_queue_oldest_wait_seconds", "bridge_jobs_current",
@@ -228,3 +230,66 @@ async def test_a_failing_observer_never_breaks_a_job(api, bridge, caplog):
     await api.generate(client_id, {"workflow": "invert", "1/image": saved})
     await api.wait_status(client_id, "closed")
     assert any("could not count job event queued" in r.getMessage() for r in caplog.records)
+
+
+class _FakeLoop:
+    """time() and call_at() of an event loop, with a clock the test moves."""
+
+    def __init__(self, now: float):
+        self.now = now
+        self.timers: list = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when, callback, *args):
+        self.timers.append((when, callback, args))
+        return self
+
+    def cancel(self) -> None:
+        self.timers.clear()
+
+
+def test_loop_lag_probe_reports_how_late_it_ran():
+    seen: list[float] = []
+    loop = _FakeLoop(100.0)
+    probe = LoopLagProbe(seen.append, interval=0.05)
+    probe.start(loop)
+    when, fire, args = loop.timers[-1]
+    assert when == 100.05
+    loop.now = 100.35  # something held the loop for 0.3 s past the probe's time
+    fire(*args)
+    assert seen == [pytest.approx(0.3)]
+    when, fire, args = loop.timers[-1]
+    assert when == pytest.approx(100.40)  # the next probe counts from when this one ran
+    loop.now = 100.399  # asyncio may run a timer slightly early: no negative lag
+    fire(*args)
+    assert seen[-1] == 0.0
+    probe.stop()
+    assert loop.timers == []
+
+
+async def test_metrics_show_loop_lag_and_scheduling_cost(sim, bridge_factory):
+    bridge = await bridge_factory([sim])
+    api = bridge.api()
+    async def probed():
+        return (await scrape(api)).value("bridge_event_loop_lag_seconds_count") >= 1
+    await wait_for(probed, what="the lag probe's first run")
+    time.sleep(0.2)  # holds the event loop on purpose: the probe must see it
+
+    async def lag_seen():
+        return (await scrape(api)).value("bridge_event_loop_lag_seconds_sum") >= 0.15
+    await wait_for(lag_seen, what="the stall in bridge_event_loop_lag_seconds")
+    before = await scrape(api)
+    assert before.types["bridge_event_loop_lag_seconds"] == "histogram"
+    assert before.value("bridge_event_loop_lag_seconds_bucket", le="0.1") < \
+        before.value("bridge_event_loop_lag_seconds_count")
+
+    client = new_client_id()
+    await api.generate(client, {"workflow": "blank-image", "1/width": 8, "1/height": 8})
+    await api.wait_status(client, "closed")
+    after = await scrape(api)
+    assert after.value("bridge_scheduler_placed_total") == before.value("bridge_scheduler_placed_total") + 1
+    assert after.value("bridge_scheduler_runs_total") > before.value("bridge_scheduler_runs_total")
+    assert after.value("bridge_scheduler_seconds_total") > before.value("bridge_scheduler_seconds_total")
+    assert 0 < after.value("bridge_scheduler_plan_seconds_total") <= after.value("bridge_scheduler_seconds_total")

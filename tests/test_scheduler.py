@@ -115,3 +115,68 @@ def test_a_job_is_given_up_only_when_no_able_backend_was_up_for_the_whole_limit(
     job.created = 180.0
     assert not given_up(job, [down], now=200.0, limit=50.0)      # queued only 20 s
     assert waiting_reason(job, [FakeBackend("b1:1")]) is None
+
+
+# Cost: counted in operations, not time. A farm of hundreds of backends with a long queue must
+# not pay per job for every busy backend, nor per pass for every job behind those placed.
+
+class CountingBackend(FakeBackend):
+    """Counts how often the scheduler reads its load."""
+    reads = 0
+
+    def __init__(self, *args, load: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._load = load
+
+    @property
+    def load(self):
+        CountingBackend.reads += 1
+        return self._load
+
+    @load.setter
+    def load(self, value):
+        self._load = value
+
+
+def test_plan_looks_at_each_backend_once_and_then_only_at_the_free_ones():
+    fleet = [CountingBackend(f"b{i}:1", load=0 if i % 30 == 0 else 1) for i in range(300)]  # 10 free
+    CountingBackend.reads = 0
+    plan = Scheduler(1).plan([FakeJob() for _ in range(1000)], fleet)
+    assert sorted(b.address for _, b in plan) == sorted(f"b{i}:1" for i in range(0, 300, 30))
+    # one pass over all 300, then each of the 10 jobs placed compares the 10 free backends
+    # (it was 300 + 10 x 300 when every choice walked the whole fleet)
+    assert CountingBackend.reads <= 300 + 10 * 10 + 10
+
+
+def test_plan_passes_over_the_jobs_alike_once_one_found_no_backend(monkeypatch):
+    import balancer.scheduler as scheduler_module
+    calls = 0
+    real_can_run = scheduler_module.can_run
+
+    def counting_can_run(job, backend):
+        nonlocal calls
+        calls += 1
+        return real_can_run(job, backend)
+    monkeypatch.setattr(scheduler_module, "can_run", counting_can_run)
+    fleet = backends(3)
+    fleet[0].load = 1                                   # the only backend the first 10,000 may use: busy
+    pinned = [FakeJob(allowed_backends=("b0:1",)) for _ in range(10_000)]
+    refused = FakeJob(refused_by={"b1:1": "HTTP 500"})  # may go to b2 only
+    anywhere = FakeJob()
+    plan = Scheduler(1).plan([*pinned, refused, anywhere], fleet)
+    assert plan == [(refused, fleet[2]), (anywhere, fleet[1])]
+    assert calls <= 2 * 2 + 2 + 2  # the first pinned job tries b1 and b2; the rest of them are not looked at
+
+
+def test_waiting_reason_stops_at_the_first_backend_up_and_able(monkeypatch):
+    import balancer.scheduler as scheduler_module
+    calls = 0
+    real_can_run = scheduler_module.can_run
+
+    def counting_can_run(job, backend):
+        nonlocal calls
+        calls += 1
+        return real_can_run(job, backend)
+    monkeypatch.setattr(scheduler_module, "can_run", counting_can_run)
+    assert scheduler_module.waiting_reason(FakeJob(), backends(300)) is None
+    assert calls == 1

@@ -1,6 +1,7 @@
 """Unit tests of comfysim's behaviour and test knobs (crash/restart, hang, OOM, interrupts, cache, uploads)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from comfysim import SimulatedComfy
+from comfysim.__main__ import _serve
 from comfysim.testing import WSClient, fetch, png_bytes, upload, wait_until
 
 TIMEOUT = 10.0
@@ -582,3 +584,32 @@ async def test_executions_count_real_runs_only(sim):
     assert blocker_run.nodes == ["1", "2"] and oom_run.nodes == ["3"]  # 1 and 2 were cached for it
     assert first_run.extra_data["client_id"] == "c1"
     await ws.close()
+
+
+async def test_many_servers_in_one_process_are_separate(tmp_path):
+    """`python -m comfysim --count 2`: two servers, each with its own port, name, queue and history."""
+    ports_file = tmp_path / "ports.json"
+    args = argparse.Namespace(host="127.0.0.1", port=0, count=2, ports_file=str(ports_file), name="farm",
+                              tick_seconds=0.01, speed=1.0, startup_delay=0.0, data_dir=str(tmp_path / "d"),
+                              profile="current", log_level="WARNING", timeline=None)
+    stop = asyncio.Event()
+    serving = asyncio.get_running_loop().create_task(_serve(args, stop))
+    try:
+        await wait_until(ports_file.exists, TIMEOUT, what="the ports file")
+        first, second = [f"http://{a}" for a in json.loads(ports_file.read_text())]
+        assert first != second
+        names = [json.loads((await fetch(b, "/system_stats")).body)["devices"][0]["name"] for b in (first, second)]
+        assert "farm-0" in names[0] and "farm-1" in names[1]
+        graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+        answer = await fetch(first, "/prompt", "POST", json.dumps({"prompt": graph, "client_id": "c"}))
+        pid = json.loads(answer.body)["prompt_id"]
+
+        async def done_on_first():
+            return pid in json.loads((await fetch(first, f"/history/{pid}")).body)
+        await wait_until(done_on_first, TIMEOUT, what="the prompt's end on the first server")
+        assert json.loads((await fetch(second, "/history")).body) == {}
+        assert (tmp_path / "d" / "farm-0").is_dir() and (tmp_path / "d" / "farm-1").is_dir()
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, TIMEOUT)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -37,6 +38,12 @@ HEALTH_MISSES_ALLOWED = 2
 # detection ejects a host after 5 consecutive 5xx). A refused or lost connection needs one.
 FAILURES_BEFORE_DOWN = 5
 UNREACHABLE_LOG_EVERY = 60.0
+
+
+def probe_phase(address: str) -> float:
+    """Where in the health interval this backend's probes fall, in (0, 1]: backends that came
+    up together (a bridge starting with 300) probe spread over the interval, not in one burst."""
+    return (zlib.crc32(address.encode()) % 1000 + 1) / 1000
 
 
 class PromptListener(Protocol):
@@ -90,6 +97,7 @@ class Backend:
         self._closing = False
         self._connected_event = asyncio.Event()
         self._unreachable_logged = float("-inf")
+        self._last_answer = float("-inf")    # when a call last got an HTTP answer
 
     # ------------------------------------------------------------------ slots and statistics
     @property
@@ -154,6 +162,7 @@ class Backend:
 
     def _answered(self) -> None:
         self.stats.consecutive_failures = 0
+        self._last_answer = time.monotonic()
 
     def _call_failed(self, reason: str, fatal: bool) -> None:
         """One failed call is not a dead backend: a lost connection is, and so are several
@@ -219,10 +228,19 @@ class Backend:
     async def _watch_health(self) -> None:
         """A hung server keeps its sockets open and answers websocket pings from its event
         loop, yet never answers a request: only a request with a deadline notices. Two misses
-        in a row are needed, so one slow answer from a busy GPU server does not move its jobs."""
+        in a row are needed, so one slow answer from a busy GPU server does not move its jobs.
+        A server that answered one of its jobs' calls within the interval is not probed: with
+        hundreds of backends the probes are most of the bridge's background work."""
         misses = 0
+        delay = self.health_interval * probe_phase(self.address)
         while self.up:
-            await asyncio.sleep(self.health_interval)
+            await asyncio.sleep(delay)
+            delay = self.health_interval
+            if not self.up:
+                return  # marked down meanwhile: the supervisor takes over
+            if time.monotonic() - self._last_answer < self.health_interval:
+                misses = 0  # a job's own call was answered within the interval: no probe needed
+                continue
             try:
                 await self.http.call("GET", "/system_stats", timeout=self.health_interval, counts=False,
                                      retry=False)
