@@ -315,7 +315,15 @@ def main() -> int:
     p.add_argument("--legit", type=int, default=4, help="legit closed-loop clients (default 4)")
     p.add_argument("--max-queue", type=int, default=8, help="the bridge's MAX_QUEUE (default 8)")
     p.add_argument("--pad-kb", type=int, default=0, help="extra KB in each flood request's body (default 0)")
+    p.add_argument("--quiet-wait", type=float, default=c.QUIET_WAIT,
+                   help=f"seconds to wait for a quiet machine before each run (default {c.QUIET_WAIT:g})")
+    p.add_argument("--max-foreign", type=float, default=c.MAX_FOREIGN,
+                   help=f"cores of foreign load above which a run is repeated (default {c.MAX_FOREIGN:g})")
     args = p.parse_args()
+    # On a machine shared with other work that does not stop: compare alternately, and say so.
+    quiet = c.wait_quiet
+    c.wait_quiet = lambda: quiet(max_wait=args.quiet_wait)
+    c.MAX_FOREIGN = args.max_foreign
     c.raise_nofile()
     runs = []
     for r in range(args.runs):
