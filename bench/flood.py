@@ -30,7 +30,7 @@ clients; the flooder is a process of its own, so it does not slow the legit clie
 
     .venv/bin/python bench/flood.py                       # 3 runs x (5 s straight, 5 s bridge, 10 s flood)
     .venv/bin/python bench/flood.py --runs 1 --seconds 5 --profile /tmp/flood.pyspy
-    .venv/bin/python bench/flood.py --runs 1 --pad-kb 512   # each flood request carries a large body
+    .venv/bin/python bench/flood.py --runs 1 --pad-kb 512   # half the flood's requests carry a large body
 """
 from __future__ import annotations
 
@@ -136,20 +136,26 @@ async def flood(port: int, connections: int, seconds: float, pad: int, tag: str)
     """`connections` loops posting generate for fresh clientIds, retrying a refusal at once."""
     url = f"http://{c.LOOPBACK}:{port}/generate-based-workflow"
     # A colour of its own per request (an accepted job must not be answered by the cache).
-    head, _, tail = json.dumps({**job_inputs(), "1/color": 1234567, **({"pad": "x" * pad} if pad else {})}
-                               ).encode().partition(b"1234567")  # pad: refused (400) when the queue has room
+    # With `pad`, every other connection pads its bodies: those are refused (400: not an input)
+    # whenever the queue has room, while the others keep it full.
+    def body_parts(padded: bool) -> tuple[bytes, bytes]:
+        body = {**job_inputs(), "1/color": 1234567, **({"pad": "x" * pad} if padded else {})}
+        head, _, tail = json.dumps(body).encode().partition(b"1234567")
+        return head, tail
     refusal_times: list[float] = []
     statuses: dict[str, int] = {}
     bad: list[str] = []       # refusals without Retry-After, resets instead of an answer
     counter = 0
 
-    async def loop(http: aiohttp.ClientSession, stop_at: float) -> None:
+    async def loop(http: aiohttp.ClientSession, stop_at: float, padded: bool) -> None:
         nonlocal counter
+        head, tail = body_parts(padded)
         while time.monotonic() < stop_at:
             counter += 1
             t = time.perf_counter()
             try:
-                async with http.post(url, params={"clientId": f"fl{tag}-{counter}"}, data=b"%s%d%s" % (head, counter % 2**24, tail),
+                async with http.post(url, params={"clientId": f"fl{tag}-{counter}"},
+                                     data=b"%s%d%s" % (head, counter % 2**24, tail),
                                      headers={"Content-Type": "application/json"}) as r:
                     await r.read()
                     status, retry_after = r.status, r.headers.get("Retry-After")
@@ -168,7 +174,8 @@ async def flood(port: int, connections: int, seconds: float, pad: int, tag: str)
     async with session(connections) as http:
         me = os.getpid()
         cpu0, t0 = cpu_seconds(me), time.perf_counter()
-        await asyncio.gather(*(loop(http, time.monotonic() + seconds) for _ in range(connections)))
+        stop_at = time.monotonic() + seconds
+        await asyncio.gather(*(loop(http, stop_at, bool(pad) and i % 2 == 1) for i in range(connections)))
         elapsed = time.perf_counter() - t0
         cpu = cpu_seconds(me) - cpu0
     return {"statuses": statuses, "elapsed": elapsed, "refusals": len(refusal_times),
@@ -314,7 +321,7 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=32, help="flood connections (default 32)")
     p.add_argument("--legit", type=int, default=4, help="legit closed-loop clients (default 4)")
     p.add_argument("--max-queue", type=int, default=8, help="the bridge's MAX_QUEUE (default 8)")
-    p.add_argument("--pad-kb", type=int, default=0, help="extra KB in each flood request's body (default 0)")
+    p.add_argument("--pad-kb", type=int, default=0, help="extra KB in the bodies of every other flood connection (default 0)")
     p.add_argument("--quiet-wait", type=float, default=c.QUIET_WAIT,
                    help=f"seconds to wait for a quiet machine before each run (default {c.QUIET_WAIT:g})")
     p.add_argument("--max-foreign", type=float, default=c.MAX_FOREIGN,
@@ -379,7 +386,7 @@ def main() -> int:
              f"per backend for {args.straight_seconds:g} s; flood: {args.connections} aiohttp connections in a "
              f"process of their own, retrying at once, for {args.seconds:g} s, with {args.legit} legit clients "
              f"(retry after {1000 * LEGIT_RETRY:.0f} ms); MAX_QUEUE={args.max_queue}"
-             + (f"; flood bodies padded by {args.pad_kb} KB" if args.pad_kb else ""),
+             + (f"; half the flood connections' bodies padded by {args.pad_kb} KB" if args.pad_kb else ""),
              f"CPU: flooder {100 * med('flooder_cpu'):.0f}% of a core, simulators {100 * med('sim_cpu_flood'):.0f}% "
              f"under flood vs {100 * med('sim_cpu_straight'):.0f}% straight"]
     c.report("overload: a flood of submissions against the backends' throughput", args, rows, notes,
