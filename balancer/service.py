@@ -115,7 +115,7 @@ class JobService:
     def refuse_if_full(self, client_id: str) -> None:
         """Busy when `submit` would answer so, before the request's body is read: the queue is
         full and the clientId has no job of its own (whose refusal, a 400, comes first)."""
-        if len(self.queue) >= self.settings.max_queue and client_id not in self.jobs:
+        if client_id not in self.jobs:
             self._check_room()
 
     def _check_room(self) -> None:
