@@ -29,7 +29,7 @@ from comfy_bridge_data import is_checkout, static_dir, workflows_dir
 from comfy_bridge_version import __version__
 from handlers.base import SERVER_MAX_BODY
 from handlers.connections import BridgeHTTPServer
-from logs import configure_logging, log_request
+from logs import RefusalLog, configure_logging, log_request
 from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
 from balancer.service import JobService
@@ -67,11 +67,12 @@ class Bridge:
         self.service = JobService(settings, self.catalog, self.uploads, self.results, self.state, self.hub,
                                   self.store)
         self.metrics = BridgeMetrics(self.service, self.hub, self.state)
+        self.refusals = RefusalLog()
         self.app = web.Application(
             handlers.all_routes(str(static_dir())),
             default_handler_class=handlers.NotFoundHandler,
             config=settings, service=self.service, catalog=self.catalog, uploads=self.uploads,
-            hub=self.hub, state=self.state, metrics=self.metrics,
+            hub=self.hub, state=self.state, metrics=self.metrics, refusals=self.refusals,
             log_function=log_request,
             websocket_ping_interval=20, websocket_ping_timeout=20,
             websocket_max_message_size=64 * 1024,
@@ -125,6 +126,7 @@ class Bridge:
 
     async def stop(self) -> None:
         self.metrics.close()
+        self.refusals.close()
         for periodic in (self._sweeper, self._queue_watch):
             if periodic is not None:
                 periodic.stop()

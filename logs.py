@@ -2,13 +2,17 @@
 record), the access line per request, and the scrubbing that keeps API keys out of every line."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections import Counter
 from urllib.parse import unquote_plus
 
 from balancer.jobs import CLIENT_ID
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REFUSAL_LOG_INTERVAL = 10.0   # seconds between two lines counting refused requests
+_access = logging.getLogger("bridge.access")
 
 _QUERY_PAIR = re.compile(r"([?&;])([^=&;\s'\"]+)=([^&;\s'\"]*)")
 _SECRET_NAMES = ("token", "key")
@@ -41,20 +45,77 @@ def request_summary(request) -> str:
 
 
 def log_request(handler) -> None:
-    """One access line per request (method, path, status, duration, clientId), and its metrics."""
+    """One access line per request (method, path, status, duration, clientId), and its metrics;
+    a refusal to retry later (queue full) is counted in the rate line (`RefusalLog`) instead."""
     status = handler.get_status()
+    metrics = handler.settings.get("metrics")
+    refusals = handler.settings.get("refusals")
+    if refusals is not None and getattr(handler, "busy_refusal", False):
+        refusals.count(handler.request.method or "-", scrub(one_line(handler.request.path)), status)
+        if metrics is not None:
+            metrics.count_request(type(handler).__name__, handler.request.method or "-", status,
+                                  handler.request.request_time())
+        return
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     request = handler.request
     seconds = request.request_time()
     client = request.query_arguments.get("clientId", [b"-"])[-1].decode(errors="replace").strip()
     if client != "-" and not CLIENT_ID.fullmatch(client):
         client = "(invalid)"  # refused with a 400; quoting it could forge log lines
-    logging.getLogger("bridge.access").log(
+    _access.log(
         level, "%s %s %d %.1fms clientId=%s", request.method, scrub(one_line(request.path)), status,
         1000.0 * seconds, client)
-    metrics = handler.settings.get("metrics")
     if metrics is not None:
         metrics.count_request(type(handler).__name__, request.method or "-", status, seconds)
+
+
+class RefusalLog:
+    """Requests refused with "retry later" (the queue is full), logged as a rate: the first of a
+    burst at once, then one line per `interval` with the counts, and nothing once they stop.
+    Under a flood one line per refusal would cost the loop more than the refusals themselves."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL):
+        self.interval = interval
+        self._counts: Counter[str] = Counter()
+        self._timer: asyncio.TimerHandle | None = None
+        self._since = 0.0
+
+    def count(self, method: str, path: str, status: int) -> None:
+        what = f"{method} {path} {status}"
+        if self._timer is None:
+            _access.warning("refusing requests: %s (retry later); further refusals are counted, one "
+                            "line per %gs", what, self.interval)
+            self._start()
+        else:
+            self._counts[what] += 1
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._since = loop.time()
+        self._timer = loop.call_later(self.interval, self.flush)
+
+    def flush(self) -> None:
+        """Log the counts since the last line; go on counting while refusals come."""
+        self._timer = None
+        if self._write():
+            self._start()
+        # else the burst is over: the next refusal is logged at once again
+
+    def _write(self) -> bool:
+        if not self._counts:
+            return False
+        seconds = asyncio.get_running_loop().time() - self._since
+        _access.warning("refused %d requests in %.1fs (retry later): %s", sum(self._counts.values()), seconds,
+                        ", ".join(f"{what} x{n}" for what, n in self._counts.most_common()))
+        self._counts.clear()
+        return True
+
+    def close(self) -> None:
+        """At shutdown: the last counts are logged."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._write()
 
 
 def log_job_event(event: str, job, backend, detail: dict) -> None:

@@ -108,8 +108,7 @@ class JobService:
                           "wait for it to end or interrupt it")
         if current is not None and current.state is JobState.DONE:
             raise ResultsWaiting(client_id)
-        if len(self.queue) >= self.settings.max_queue:
-            raise Busy(f"the queue is full ({len(self.queue)} jobs waiting); retry later", retry_after=5)
+        self._check_room()
         job = self.intake.build(client_id, alias, values, self.backends)
         if current is not None:
             self._forget(current)
@@ -123,6 +122,16 @@ class JobService:
             self.hub.publish(client_id, job.status(position, waiting))
         await saved
         return position
+
+    def refuse_if_full(self, client_id: str) -> None:
+        """Busy when `submit` would answer so, before the request's body is read: the queue is
+        full and the clientId has no job of its own (whose refusal, a 400, comes first)."""
+        if client_id not in self.jobs:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if len(self.queue) >= self.settings.max_queue:
+            raise Busy(f"the queue is full ({len(self.queue)} jobs waiting); retry later", retry_after=5)
 
     def get(self, client_id: str) -> Job | None:
         return self.jobs.get(client_id)

@@ -66,7 +66,7 @@ def main() -> int:
                 continue
             m = c.median(vals)
             cells.append(f"{name}: {m:.3g} ({', '.join(f'{v:.3g}' for v in vals)})"
-                         + ("" if name == base else f" = {m / ref:.2f} x {base}"))
+                         + ("" if name == base or not ref else f" = {m / ref:.2f} x {base}"))
         print(f"  {figure}: " + "; ".join(cells))
     print("  machine speed (fixed Python workload, ms): " + "; ".join(
         f"{n}: {c.median(v):.1f}" for n, v in calib.items() if v))

@@ -132,6 +132,7 @@ class AccessMixin:
     """Auth and CORS, shared by the JSON handlers and the websocket handler."""
 
     public = False  # True for /healthz and the static page
+    busy_refusal = False  # answered "retry later" (Busy): logged as a rate, not a line each
 
     @property
     def config(self):
@@ -170,7 +171,9 @@ class AccessMixin:
             raise ApiError(400, f"{what} is not valid UTF-8 (percent-encode UTF-8 bytes)") from None
 
     def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, (Refused, Busy)):
+        if isinstance(value, Busy):
+            return  # counted in the refusal rate line instead (logs.RefusalLog)
+        if isinstance(value, Refused):
             log.info("%s: %s", self._request_summary(), scrub(one_line(str(value))))
         elif isinstance(value, web.HTTPError):
             message = value.get_message()
@@ -269,6 +272,7 @@ class JsonHandler(AccessMixin, web.RequestHandler):
         if error is not None:
             # A refusal from the core reaches tornado as an uncaught exception (status 500):
             # its own status is set here.
+            self.busy_refusal = isinstance(exc, Busy)
             return write_detail(self, error.status_code, error.detail, error.headers)
         if isinstance(exc, web.HTTPError) and exc.log_message:
             detail = exc.log_message % exc.args if exc.args else exc.log_message

@@ -17,6 +17,12 @@ leaves to the application done in one place, for every request before any handle
   `client_body_timeout`). Time the bridge itself spends on a chunk (writing an upload to disk)
   does not count. There is no limit on a body's total time: it would refuse a large upload
   over a slow link; what one client may hold is the proxy's to bound (connections per client).
+- **Refused clients wait their turn**: a connection whose answer was "retry later" (a 429 or
+  503 with `Retry-After`: the queue is full) gets that answer at once, but reads its next
+  request only in turn, `REFUSED_PER_TURN` such connections per pass of the loop. A client
+  that retries at once on the same connection would otherwise have its refusals take the loop
+  from the accepted jobs: every step of theirs (a backend's answer, a websocket event, the
+  next dispatch) waits for one pass, and a pass would hold one refusal per flooding connection.
 - **Header limits**: more than `MAX_HEADER_COUNT` header lines, or a header block over
   `MAX_HEADER_BYTES`, is answered `431` with a JSON `{"detail"}` and `Connection: close`.
   tornado itself drops a header block over its `max_header_size` without an answer:
@@ -25,6 +31,7 @@ leaves to the application done in one place, for every request before any handle
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -43,6 +50,7 @@ LINGER_SECONDS = 30.0       # at most this long reading and dropping after an an
 LINGER_SILENCE = 5.0        # ... and not once the client has been silent this long
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 100
+REFUSED_PER_TURN = 4        # connections answered "retry later" that may read their next request per loop pass
 _TOO_LARGE = (431, "Request Header Fields Too Large")
 _UNLIMITED = 1 << 62        # a body read only to be dropped is not held to the request's limit
 
@@ -58,6 +66,8 @@ class BridgeHTTPServer(httpserver.HTTPServer):
         self.body_silence = body_silence
         self._awaiting_headers: set[IOStream] = set()
         self._lingering: set[asyncio.Task] = set()
+        self._refused: collections.deque = collections.deque()   # their `finish`, in turn
+        self._turn_scheduled = False
 
     def handle_stream(self, stream: IOStream, address: tuple) -> None:
         super().handle_stream(stream, address)
@@ -87,6 +97,21 @@ class BridgeHTTPServer(httpserver.HTTPServer):
                 f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n").encode()
         self.linger(stream.socket.dup(), first=head + body)
+
+    def in_turn(self, finish) -> None:
+        """Call `finish` (which lets a refused connection read its next request) in turn."""
+        self._refused.append(finish)
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn_scheduled = False
+        for _ in range(min(REFUSED_PER_TURN, len(self._refused))):
+            self._refused.popleft()()
+        if self._refused:  # the rest after the loop's next pass
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
 
     def linger(self, sock: socket.socket, flushed: Awaitable | None = None, first: bytes = b"") -> None:
         """Close `sock` gracefully, in the background: after `flushed` (tornado wrote its answer)
@@ -137,6 +162,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         self._length: int | None = None
         self._received = 0
         self._ending: str | None = None   # set when the answer starts before the body was read
+        self._retry_later = False         # the answer says "retry later": the next request waits its turn
         self._must_close = False
         self._body_done = False
         self._finish_waits = False
@@ -178,7 +204,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         self._stop_watching()
         if self._finish_waits:   # an early answer waited for the rest of the body
             self._finish_waits = False
-            self.conn.finish()
+            self._finish_answer()
         if self._app_has_it:
             self.app.finish()
 
@@ -190,7 +216,8 @@ class _Exchange(httputil.HTTPMessageDelegate):
 
     # -- the application's side: the answer
 
-    def answer_starts(self, headers: httputil.HTTPHeaders) -> None:
+    def answer_starts(self, start_line, headers: httputil.HTTPHeaders) -> None:
+        self._retry_later = start_line.code in (429, 503) and "Retry-After" in headers
         if self._body_done or self._ending is not None:
             return
         rest = (self._length or 0) - self._received
@@ -209,7 +236,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         if self._ending is None or self._body_done:
             # (Nothing is left unread. After a `Connection: close` whose body then arrived in
             # full, tornado keeps the connection until the client closes it, as told.)
-            return self.conn.finish()
+            return self._finish_answer()
         if self._ending == _DRAIN:
             self._finish_waits = True   # finish() above, once the rest is read
             self.conn.stream.set_nodelay(True)
@@ -220,6 +247,14 @@ class _Exchange(httputil.HTTPMessageDelegate):
         flushed = None if stream.closed() else stream.write(b"")
         self.server.linger(sock, flushed)
         return None
+
+    def _finish_answer(self) -> None:
+        """tornado's end of the answer, after which it reads the connection's next request."""
+        if self._retry_later:
+            self.conn.stream.set_nodelay(True)  # the answer goes out now; only the next read waits
+            self.server.in_turn(self.conn.finish)
+        else:
+            self.conn.finish()
 
     def _answer_directly(self, status: tuple[int, str], detail: str) -> None:
         body = detail_body(detail)
@@ -277,7 +312,7 @@ class _Reply:
         self._conn = conn
 
     def write_headers(self, start_line, headers, chunk=None):
-        self._exchange.answer_starts(headers)
+        self._exchange.answer_starts(start_line, headers)
         return self._conn.write_headers(start_line, headers, chunk)
 
     def finish(self) -> None:

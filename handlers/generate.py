@@ -7,6 +7,14 @@ from .base import ApiError, JsonHandler, http_error
 
 
 class GenerateHandler(JsonHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        if self.request.method == "POST":
+            # A full queue is answered before the body is read or parsed: under a flood of
+            # submissions that is most requests, and the loop belongs to the accepted jobs.
+            # (connections.py drains or closes what the client still sends.)
+            self.service.refuse_if_full(self.client_id())
+
     async def post(self) -> None:
         client_id = self.client_id()
         try:
