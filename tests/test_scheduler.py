@@ -1,6 +1,8 @@
 """The scheduler alone: plain objects, no IOLoop, no backend."""
 from __future__ import annotations
 
+import pytest
+
 from dataclasses import dataclass, field
 
 from balancer.scheduler import Scheduler, can_run
@@ -148,16 +150,21 @@ def test_plan_looks_at_each_backend_once_and_then_only_at_the_free_ones():
     assert CountingBackend.reads <= 300 + 10 * 10 + 10
 
 
-def test_plan_passes_over_the_jobs_alike_once_one_found_no_backend(monkeypatch):
+@pytest.fixture
+def can_run_calls(monkeypatch):
+    """The scheduler's `can_run` calls, counted in `[0]`."""
     import balancer.scheduler as scheduler_module
-    calls = 0
+    calls = [0]
     real_can_run = scheduler_module.can_run
 
     def counting_can_run(job, backend):
-        nonlocal calls
-        calls += 1
+        calls[0] += 1
         return real_can_run(job, backend)
     monkeypatch.setattr(scheduler_module, "can_run", counting_can_run)
+    return calls
+
+
+def test_plan_passes_over_the_jobs_alike_once_one_found_no_backend(can_run_calls):
     fleet = backends(3)
     fleet[0].load = 1                                   # the only backend the first 10,000 may use: busy
     pinned = [FakeJob(allowed_backends=("b0:1",)) for _ in range(10_000)]
@@ -165,18 +172,10 @@ def test_plan_passes_over_the_jobs_alike_once_one_found_no_backend(monkeypatch):
     anywhere = FakeJob()
     plan = Scheduler(1).plan([*pinned, refused, anywhere], fleet)
     assert plan == [(refused, fleet[2]), (anywhere, fleet[1])]
-    assert calls <= 2 * 2 + 2 + 2  # the first pinned job tries b1 and b2; the rest of them are not looked at
+    assert can_run_calls[0] <= 2 * 2 + 2 + 2  # the first pinned job tries b1 and b2; the rest of them are not looked at
 
 
-def test_waiting_reason_stops_at_the_first_backend_up_and_able(monkeypatch):
+def test_waiting_reason_stops_at_the_first_backend_up_and_able(can_run_calls):
     import balancer.scheduler as scheduler_module
-    calls = 0
-    real_can_run = scheduler_module.can_run
-
-    def counting_can_run(job, backend):
-        nonlocal calls
-        calls += 1
-        return real_can_run(job, backend)
-    monkeypatch.setattr(scheduler_module, "can_run", counting_can_run)
     assert scheduler_module.waiting_reason(FakeJob(), backends(300)) is None
-    assert calls == 1
+    assert can_run_calls[0] == 1
