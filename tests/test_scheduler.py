@@ -1,9 +1,9 @@
 """The scheduler alone: plain objects, no IOLoop, no backend."""
 from __future__ import annotations
 
-import pytest
-
 from dataclasses import dataclass, field
+
+import pytest
 
 from balancer.scheduler import Scheduler, can_run
 
