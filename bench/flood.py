@@ -390,7 +390,7 @@ def main() -> int:
              f"CPU: flooder {100 * med('flooder_cpu'):.0f}% of a core, simulators {100 * med('sim_cpu_flood'):.0f}% "
              f"under flood vs {100 * med('sim_cpu_straight'):.0f}% straight"]
     c.report("overload: a flood of submissions against the backends' throughput", args, rows, notes,
-             {"runs": runs})
+             {"runs": runs, "client": "aiohttp"})
     if args.profile:
         print(c.summarize_profile(Path(args.profile)))
     return 0

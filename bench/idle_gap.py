@@ -148,7 +148,7 @@ def main() -> int:
     notes.append(f"{args.jobs} jobs per run queued at once after {args.warmup} warm-up jobs; one simulator; "
                  "timestamps from the simulator's worker (comfysim --timeline); bridge at LOGGING_LEVEL="
                  f"{c.extra_settings(args).get('LOGGING_LEVEL', 'INFO')}")
-    c.report("backend idle time between two queued jobs", args, rows, notes)
+    c.report("backend idle time between two queued jobs", args, rows, notes, extra={"client": "raw keep-alive HTTP"})
     if args.profile:
         print(c.summarize_profile(Path(args.profile)))
     return 0

@@ -159,7 +159,7 @@ def main() -> int:
     notes = backend_lines + [
         f"slow-progress with 2/steps={args.steps}; each job its own uploaded 64x64 PNG; bridge defaults "
         f"(MAX_INFLIGHT_PER_SERVER=1) {' '.join(args.set)}".strip()]
-    c.report("makespan on unequal backends", args, rows, notes)
+    c.report("makespan on unequal backends", args, rows, notes, extra={"client": "tornado websocket + raw keep-alive HTTP"})
     if args.profile:
         print(c.summarize_profile(Path(args.profile)))
     return 0

@@ -400,7 +400,7 @@ def main() -> int:
              "lag and scheduling time from the bridge's /metrics (lag probe every 50 ms; p99 interpolated in "
              "the histogram bucket); CPU from /proc of the bridge's process"]
     c.report("scale of one bridge: many backends, a long queue", args, rows, notes,
-             extra={"results": results})
+             extra={"results": results, "client": "raw keep-alive HTTP"})
     if args.profile:
         print(c.summarize_profile(Path(args.profile)))
     return 0

@@ -187,7 +187,7 @@ def main() -> int:
              "VmRSS sampled every 2 ms); MB = 10^6 bytes, MiB = 2^20",
              f"UPLOAD_MAX_SIZE={args.mib + 100}; one simulator (the upload does not reach it); bridge at "
              f"LOGGING_LEVEL={c.extra_settings(args).get('LOGGING_LEVEL', 'INFO')}"]
-    c.report(f"{args.mib} MiB upload", args, rows, notes)
+    c.report(f"{args.mib} MiB upload", args, rows, notes, extra={"client": "raw socket"})
     if args.profile:
         print(c.summarize_profile(Path(args.profile)))
     return 0

@@ -258,7 +258,7 @@ def main() -> int:
              f"{c.median([r['rss_after_hold_mb'] for r in runs]):.0f} MB",
              "HEARTBEAT_INTERVAL=1, one simulator, bridge at LOGGING_LEVEL="
              f"{settings.get('LOGGING_LEVEL', 'INFO')}"]
-    c.report(f"{args.sockets} idle websockets", args, rows, notes)
+    c.report(f"{args.sockets} idle websockets", args, rows, notes, extra={"client": "raw asyncio websocket"})
     if args.profile:
         print(c.summarize_profile(Path(args.profile)))
     return 0
