@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import Counter
 
 from logs import log_job_event
@@ -232,9 +233,12 @@ class JobService:
         job.stop_reason = None
         job.attempts += 1
         job.dispatched_at = time.monotonic()
+        # Chosen here, so the record written for the dispatch carries it: one commit (often the
+        # same as the job's `queued` one) puts it on disk before POST /prompt.
+        job.prompt_id = str(uuid.uuid4())
         backend.take_slot(job.id)
-        self._transition(job, "dispatched", backend, waited=time.time() - job.created)
-        job.task = self._spawn(self._run(job, backend))
+        saved = self._transition(job, "dispatched", backend, waited=time.time() - job.created)
+        job.task = self._spawn(self._run(job, backend, chosen=saved))
 
     def _release(self, job: Job) -> None:
         if job.backend is not None:
@@ -280,11 +284,11 @@ class JobService:
         self._schedule_pump()
 
     # ------------------------------------------------------------------ runs and their outcomes
-    async def _run(self, job: Job, backend: Backend, resume: bool = False) -> None:
+    async def _run(self, job: Job, backend: Backend, resume: bool = False, chosen=None) -> None:
         run = PromptRun(job, backend, self, self.results, execution_timeout=self.settings.execution_timeout,
                         deadline=job.dispatched_at + self.settings.execution_timeout)
         try:
-            outcome = await (run.resume(max(self.settings.backend_timeout, RESUME_WAIT)) if resume else run.start())
+            outcome = await (run.resume(max(self.settings.backend_timeout, RESUME_WAIT)) if resume else run.start(chosen))
         except asyncio.CancelledError:
             if job.stop_reason is None:
                 raise  # shutting down

@@ -2,6 +2,7 @@
 websocket events, and the prompt's history is asked only when the events did not name them all."""
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -100,14 +101,37 @@ async def test_prompt_id_is_on_disk_before_the_backend_hears_of_it_and_its_write
     saved = await api.upload(png_bytes(seed=5))
     client_id = new_client_id()
     ws = await api.ws(client_id)
-    await api.generate(client_id, {"workflow": "invert", "1/image": saved})
+    # Queued and dispatched at once: its `queued` answer waits for the same commit.
+    generating = asyncio.ensure_future(api.generate(client_id, {"workflow": "invert", "1/image": saved}))
     try:
         await wait_for(lambda: calls("/upload/image") == 1, TIMEOUT, what="the upload, while the commit waits")
         assert calls("/prompt") == 0
     finally:
         release.set()
+    await generating
     assert (await ws.until("closed", "error"))["status"] == "closed"
     assert calls("/prompt") == 1
+
+
+async def test_a_job_queued_and_dispatched_at_once_costs_one_commit_before_its_prompt(
+        api, sim, bridge, monkeypatch):
+    """The prompt id is chosen at dispatch and the writer waits one loop pass, so the `queued`
+    record and the dispatched one (with the prompt id) go to disk together."""
+    store = bridge.bridge.store
+    commits = []   # (prompts the backend had been sent, states written) per commit
+    commit = store._commit
+
+    def spy(batch, count):
+        commit(batch, count)
+        prompts = sum(1 for method, uri, _ in sim.requests_log if method == "POST" and uri.endswith("/prompt"))
+        commits.append((prompts, [(r["state"], bool(r["prompt_id"])) for r in batch.values() if r]))
+    monkeypatch.setattr(store, "_commit", spy)
+    client_id = new_client_id()
+    ws = await api.ws(client_id)
+    await api.generate(client_id, {"workflow": "blank-image", "1/width": 8, "1/height": 8})
+    assert (await ws.until("closed", "error"))["status"] == "closed"
+    before_prompt = [states for prompts, states in commits if prompts == 0]
+    assert before_prompt == [[("running", True)]], commits
 
 
 async def test_the_prompt_ids_commit_does_not_wait_for_the_upload(api, sim, bridge, monkeypatch):
