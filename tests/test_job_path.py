@@ -6,6 +6,8 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
+
 from balancer.comfy import files
 
 from .conftest import TIMEOUT, new_client_id, png_bytes, wait_for
@@ -155,3 +157,22 @@ async def test_the_prompt_ids_commit_does_not_wait_for_the_upload(api, sim, brid
     finally:
         sim.release_stalls()
     assert (await ws.until("closed", "error"))["status"] == "closed"
+
+
+@pytest.mark.parametrize("limit", [None, 40], ids=["in-memory", "streamed"])
+async def test_a_small_result_touches_the_disk_only_off_the_loop(api, sim, monkeypatch, limit):
+    """A result up to SMALL_DOWNLOAD is held in memory and written by one executor call; past
+    that it is written as it arrives (its file opened on the loop). Both byte for byte."""
+    if limit is not None:
+        monkeypatch.setattr(files, "SMALL_DOWNLOAD", limit)
+    opened_on_loop = []
+
+    def spy(path, *args, **kwargs):
+        opened_on_loop.append(threading.current_thread() is threading.main_thread())
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(files, "open", spy, raising=False)
+    parts = await _run(api, {"workflow": "blank-image", "1/width": 32, "1/height": 32, "1/color": 0x123456})
+    made = [p.read_bytes() for p in Path(sim.folders.output).rglob("*.png")]
+    assert len(parts) == 1 and [parts[0]["data"]] == made
+    assert len(made[0]) > 40
+    assert opened_on_loop == ([False] if limit is None else [True])
