@@ -50,6 +50,7 @@ class JobService:
         self._pump_scheduled = False
         self._closing = False
         self._background: set[asyncio.Task] = set()
+        self.cleanup = api.HistoryCleanup()   # history entries of stored results, deleted in batches
         self.counters: Counter[str] = Counter()  # events worth counting (metrics, tests)
         # Called as observer(event, job, backend, detail) on every job transition.
         self.observers: list = [log_job_event]
@@ -66,6 +67,7 @@ class JobService:
                 job.task.cancel()
         for task in list(self._background):
             task.cancel()
+        self.cleanup.close()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
 
     def restore(self, records: list[dict]) -> None:
@@ -302,7 +304,8 @@ class JobService:
         if ending is Ending.DONE:
             await self._finish(job, backend, outcome.results)
             # Only once the results are safely ours: a crash before this point finds them again.
-            self._spawn(api.forget_prompts(backend, [prompt_id]))
+            if prompt_id is not None:
+                self.cleanup.forget(backend, prompt_id)
         elif ending is Ending.LOST:
             if job.state is JobState.RUNNING and job.stop_reason in (None, StopReason.BACKEND_LOST):
                 self._requeue_or_fail(job, outcome.reason)

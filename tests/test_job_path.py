@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.comfy import files
+from balancer.comfy import api as comfy_api, files
 
 from .conftest import TIMEOUT, new_client_id, png_bytes, wait_for
 
@@ -176,3 +176,24 @@ async def test_a_small_result_touches_the_disk_only_off_the_loop(api, sim, monke
     assert len(parts) == 1 and [parts[0]["data"]] == made
     assert len(made[0]) > 40
     assert opened_on_loop == ([False] if limit is None else [True])
+
+
+def _history_deletes(sim) -> list[list[str]]:
+    return [body["delete"] for method, uri, body in sim.requests_log
+            if method == "POST" and uri.removeprefix("/api") == "/history" and isinstance(body, dict)]
+
+
+async def test_history_entries_of_stored_results_are_deleted_in_one_call(api, sim, bridge, monkeypatch):
+    monkeypatch.setattr(comfy_api, "FORGET_AFTER", 3600.0)   # nothing goes on its own in this test
+    for color in (1, 2, 3):
+        await _run(api, {**BLANK, "1/color": color})
+    assert _history_deletes(sim) == []
+    bridge.service.cleanup.flush()
+    await wait_for(lambda: _history_deletes(sim), TIMEOUT, what="the deletion")
+    assert _history_deletes(sim) == [sim.executed_prompts[-3:]]
+
+
+async def test_history_entries_are_deleted_soon_after_the_job(api, sim):
+    await _run(api, BLANK)
+    await wait_for(lambda: _history_deletes(sim), TIMEOUT, what="the deletion")
+    assert _history_deletes(sim) == [sim.executed_prompts[-1:]]
