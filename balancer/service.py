@@ -399,11 +399,11 @@ class JobService:
             del self.jobs[job.client_id]
             self.store.save(job.client_id, None)
         if job.results:
-            self._spawn(self._remove_results(job.id))
+            self._spawn(self._remove_results(job.id, job.results))
         job.results = []
 
-    async def _remove_results(self, job_id: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.results.remove_job, job_id)
+    async def _remove_results(self, job_id: str, files: list) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.results.remove_results, job_id, files)
 
     def sweep_expired(self, now: float | None = None) -> list[str]:
         """Drop ended jobs whose results or errors waited longer than RESULT_TTL."""

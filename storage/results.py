@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import os
 import re
 import shutil
 import time
@@ -54,6 +55,21 @@ class ResultStore:
 
     def remove_job(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def remove_results(self, job_id: str, files: list[ResultFile]) -> None:
+        """The job's folder with the files it is known to hold: a few system calls, where a walk
+        of the folder costs several per file (the walk only for a folder that holds more)."""
+        for result in files:
+            try:
+                os.unlink(result.path)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(self.job_dir(job_id))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            self.remove_job(job_id)
 
     def job_ids(self) -> list[str]:
         return [p.name for p in self.directory.iterdir() if _JOB_ID.match(p.name)]

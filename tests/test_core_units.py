@@ -227,3 +227,31 @@ async def test_on_read_limit_hands_over_the_socket_before_tornado_closes_it():
     stream.close()
     theirs.close()
     assert called == []
+
+
+def test_a_jobs_results_are_removed_by_their_known_files_and_a_stray_file_goes_too(tmp_path, monkeypatch):
+    import shutil
+    from storage.results import ResultFile, ResultStore
+    store = ResultStore(tmp_path)
+    walks = []
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: walks.append(path) or rmtree(path, **kw))
+
+    def job_with(*names) -> tuple[str, list[ResultFile]]:
+        job_id = os.urandom(16).hex()
+        files = []
+        for i, name in enumerate(names):
+            path = store.file_path(job_id, i, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            files.append(ResultFile(name=name, path=path, media_type="image/png", size=1))
+        return job_id, files
+
+    plain, files = job_with("a.png", "b.png")
+    store.remove_results(plain, files)
+    assert not store.job_dir(plain).exists() and walks == []   # no walk of the folder
+    stray, files = job_with("a.png")
+    (store.job_dir(stray) / "0.png.part").write_bytes(b"left over")
+    store.remove_results(stray, files)
+    assert not store.job_dir(stray).exists() and walks == [store.job_dir(stray)]
+    store.remove_results(stray, files)   # gone already: nothing to do
