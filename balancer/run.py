@@ -207,7 +207,7 @@ class PromptRun:
         stored = []
         for index, item in enumerate(output_files(entry, self.job.graph)):
             target = self.results.file_path(self.job.id, index, item.filename)
-            stored.append(await self._read(download_to, item, target))
+            stored.append(await self._read(download_to, item, target, self.results.keep))
         return Outcome(Ending.DONE, results=stored)
 
     async def _history_after_end(self) -> dict | None:

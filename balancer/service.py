@@ -399,6 +399,7 @@ class JobService:
             del self.jobs[job.client_id]
             self.store.save(job.client_id, None)
         if job.results:
+            self.results.release(job.results)
             self._spawn(self._remove_results(job.id, job.results))
         job.results = []
 

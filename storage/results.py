@@ -11,10 +11,15 @@ import os
 import re
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("bridge.results")
+
+# Bytes of recently downloaded small results also kept in memory, so the GET /history that
+# usually follows at once sends them without a disk read (oldest dropped first).
+RECENT_BYTES = 32 * 1024 * 1024
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _SAFE_EXT = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
@@ -38,9 +43,33 @@ class ResultFile:
 
 
 class ResultStore:
+    """Result files on disk, and a copy in memory of the recent small ones (`keep`, `recent`,
+    `release`: called on the event loop only)."""
+
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._recent: OrderedDict[Path, bytes] = OrderedDict()
+        self._recent_bytes = 0
+
+    def keep(self, path: Path, data: bytes) -> None:
+        """`data` is the content just stored at `path`."""
+        if len(data) > RECENT_BYTES:
+            return
+        self._recent[path] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_BYTES:
+            _, dropped = self._recent.popitem(last=False)
+            self._recent_bytes -= len(dropped)
+
+    def recent(self, path: Path) -> bytes | None:
+        return self._recent.get(path)
+
+    def release(self, files: list[ResultFile]) -> None:
+        for result in files:
+            data = self._recent.pop(result.path, None)
+            if data is not None:
+                self._recent_bytes -= len(data)
 
     def job_dir(self, job_id: str) -> Path:
         if not _JOB_ID.match(job_id):

@@ -255,3 +255,18 @@ def test_a_jobs_results_are_removed_by_their_known_files_and_a_stray_file_goes_t
     store.remove_results(stray, files)
     assert not store.job_dir(stray).exists() and walks == [store.job_dir(stray)]
     store.remove_results(stray, files)   # gone already: nothing to do
+
+
+def test_the_memory_copies_of_recent_results_stay_within_their_budget(tmp_path, monkeypatch):
+    from storage import results
+    from storage.results import ResultFile, ResultStore
+    monkeypatch.setattr(results, "RECENT_BYTES", 100)
+    store = ResultStore(tmp_path)
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    for path in paths:
+        store.keep(path, b"x" * 40)
+    assert [store.recent(p) is not None for p in paths] == [False, False, True, True]   # oldest first out
+    store.keep(tmp_path / "big.png", b"x" * 101)
+    assert store.recent(tmp_path / "big.png") is None
+    store.release([ResultFile(name="a.png", path=paths[3], media_type="image/png", size=40)])
+    assert store.recent(paths[3]) is None and store.recent(paths[2]) is not None

@@ -125,8 +125,9 @@ def _streamed_upload(backend: "Backend", path: Path, size: int, head: bytes, tai
         headers={"Content-Type": content_type, "Content-Length": str(len(head) + size + len(tail))})
 
 
-async def download_to(backend: "Backend", item: OutputItem, target: Path) -> ResultFile:
-    """GET /view into `target`; it times out on silence, not on its length."""
+async def download_to(backend: "Backend", item: OutputItem, target: Path, keep=None) -> ResultFile:
+    """GET /view into `target`; it times out on silence, not on its length. `keep(target, data)`
+    is given the content of a file that was held in memory whole."""
     sink = _DownloadSink(target)
     query = urlencode({"filename": item.filename, "subfolder": item.subfolder, "type": item.type})
     request = backend.http.silence_limited(
@@ -138,6 +139,8 @@ async def download_to(backend: "Backend", item: OutputItem, target: Path) -> Res
         await asyncio.get_running_loop().run_in_executor(None, sink.store)
     finally:
         sink.close()
+    if keep is not None and sink.whole is not None:
+        keep(target, sink.whole)
     return ResultFile(name=item.filename, path=target, media_type=media_type_for(item.filename), size=sink.size)
 
 
@@ -152,6 +155,7 @@ class _DownloadSink:
         self.chunks: list[bytes] = []
         self.size = 0
         self.handle = None
+        self.whole: bytes | None = None   # the content, once stored from memory
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -176,9 +180,11 @@ class _DownloadSink:
         """The whole file at `target` (run in an executor)."""
         if self.handle is None:
             self.target.parent.mkdir(parents=True, exist_ok=True)
+            data = b"".join(self.chunks)
             with open(self.partial, "wb") as handle:
-                handle.writelines(self.chunks)
+                handle.write(data)
             self.chunks = []
+            self.whole = data
         else:
             self.handle.close()
         os.replace(self.partial, self.target)
