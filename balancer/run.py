@@ -65,8 +65,10 @@ class PromptRun:
         self.tracker: ProgressTracker | None = None
         self.watch = PromptWatch(self._on_event)
 
-    async def start(self) -> Outcome:
-        return await self._guarded(self._submit)
+    async def start(self, chosen: Awaitable | None = None) -> Outcome:
+        """Run the job under `job.prompt_id` when the service chose it at dispatch; `chosen`
+        resolves once the record carrying that id is on disk."""
+        return await self._guarded(lambda: self._submit(chosen))
 
     async def resume(self, wait_up: float) -> Outcome:
         """After a bridge restart: follow the job's prompt if its backend still knows it."""
@@ -91,15 +93,19 @@ class PromptRun:
             if self.prompt_id is not None:
                 self.backend.unlisten(self.prompt_id)
 
-    async def _submit(self) -> Outcome | None:
+    async def _submit(self, saving: Awaitable | None) -> Outcome | None:
         """Files first, then POST /prompt. A backend that restarted since it got our files
-        refuses them at validation: upload them again, once."""
+        refuses them at validation: upload them again, once, under a new prompt id."""
         job, backend = self.job, self.backend
         for attempt in (1, 2):
-            self._listen(str(uuid.uuid4()))
+            if saving is not None and self.prompt_id is not None:
+                self._listen(self.prompt_id)
+            else:
+                self._listen(str(uuid.uuid4()))
+                saving = self.events.prompt_chosen(job, self.prompt_id)
             # On disk before the backend hears of it (a restart then finds the prompt rather
             # than running the job twice); the commit overlaps the uploads.
-            chosen = asyncio.ensure_future(self.events.prompt_chosen(job, self.prompt_id))
+            chosen, saving = asyncio.ensure_future(saving), None
             try:
                 graph = await self._place_files()
             except BaseException:
@@ -201,7 +207,7 @@ class PromptRun:
         stored = []
         for index, item in enumerate(output_files(entry, self.job.graph)):
             target = self.results.file_path(self.job.id, index, item.filename)
-            stored.append(await self._read(download_to, item, target))
+            stored.append(await self._read(download_to, item, target, self.results.keep))
         return Outcome(Ending.DONE, results=stored)
 
     async def _history_after_end(self) -> dict | None:

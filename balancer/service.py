@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class JobService:
         self.scheduling = SchedulingCost()
         self._closing = False
         self._background: set[asyncio.Task] = set()
+        self.cleanup = api.HistoryCleanup()   # history entries of stored results, deleted in batches
         self.counters: Counter[str] = Counter()  # events worth counting (metrics, tests)
         # Called as observer(event, job, backend, detail) on every job transition.
         self.observers: list = [log_job_event]
@@ -76,6 +78,7 @@ class JobService:
                 job.task.cancel()
         for task in list(self._background):
             task.cancel()
+        self.cleanup.close()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
 
     def restore(self, records: list[dict]) -> None:
@@ -259,9 +262,12 @@ class JobService:
         job.stop_reason = None
         job.attempts += 1
         job.dispatched_at = time.monotonic()
+        # Chosen here, so the record written for the dispatch carries it: one commit (often the
+        # same as the job's `queued` one) puts it on disk before POST /prompt.
+        job.prompt_id = str(uuid.uuid4())
         backend.take_slot(job.id)
-        self._transition(job, "dispatched", backend, waited=time.time() - job.created)
-        job.task = self._spawn(self._run(job, backend))
+        saved = self._transition(job, "dispatched", backend, waited=time.time() - job.created)
+        job.task = self._spawn(self._run(job, backend, chosen=saved))
 
     def _release(self, job: Job) -> None:
         if job.backend is not None:
@@ -307,11 +313,11 @@ class JobService:
         self._schedule_pump()
 
     # ------------------------------------------------------------------ runs and their outcomes
-    async def _run(self, job: Job, backend: Backend, resume: bool = False) -> None:
+    async def _run(self, job: Job, backend: Backend, resume: bool = False, chosen=None) -> None:
         run = PromptRun(job, backend, self, self.results, execution_timeout=self.settings.execution_timeout,
                         deadline=job.dispatched_at + self.settings.execution_timeout)
         try:
-            outcome = await (run.resume(max(self.settings.backend_timeout, RESUME_WAIT)) if resume else run.start())
+            outcome = await (run.resume(max(self.settings.backend_timeout, RESUME_WAIT)) if resume else run.start(chosen))
         except asyncio.CancelledError:
             if job.stop_reason is None:
                 raise  # shutting down
@@ -325,7 +331,8 @@ class JobService:
         if ending is Ending.DONE:
             await self._finish(job, backend, outcome.results)
             # Only once the results are safely ours: a crash before this point finds them again.
-            self._spawn(api.forget_prompts(backend, [prompt_id]))
+            if prompt_id is not None:
+                self.cleanup.forget(backend, prompt_id)
         elif ending is Ending.LOST:
             if job.state is JobState.RUNNING and job.stop_reason in (None, StopReason.BACKEND_LOST):
                 self._requeue_or_fail(job, outcome.reason)
@@ -419,11 +426,12 @@ class JobService:
             del self.jobs[job.client_id]
             self.store.save(job.client_id, None)
         if job.results:
-            self._spawn(self._remove_results(job.id))
+            self.results.release(job.results)
+            self._spawn(self._remove_results(job.id, job.results))
         job.results = []
 
-    async def _remove_results(self, job_id: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.results.remove_job, job_id)
+    async def _remove_results(self, job_id: str, files: list) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.results.remove_results, job_id, files)
 
     def sweep_expired(self, now: float | None = None) -> list[str]:
         """Drop ended jobs whose results or errors waited longer than RESULT_TTL."""

@@ -96,6 +96,9 @@ class JobStore:
 
     async def _write_batches(self) -> None:
         loop = asyncio.get_running_loop()
+        # One loop pass first: what the same pass changes (a job queued and at once dispatched,
+        # with its prompt id) goes to disk in one commit instead of two in a row.
+        await asyncio.sleep(0)
         while self._pending or self._pending_count is not None:
             batch, self._pending = self._pending, {}
             count, self._pending_count = self._pending_count, None

@@ -70,8 +70,26 @@ async def test_a_result_file_shortened_on_disk_breaks_the_download_and_keeps_the
     await api.generate(client_id, {"workflow": "blank-image", "1/width": 40, "1/height": 30})
     await api.wait_status(client_id, "closed")
     job = bridge.service.get(client_id)
+    bridge.bridge.results.release(job.results)   # as after a restart: only the disk holds it
     path = job.results[0].path
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(HTTPStreamClosedError):   # closed before Content-Length bytes came
         await api.fetch(f"/history?clientId={client_id}")
     assert bridge.service.get(client_id) is job
+
+
+async def test_a_just_downloaded_small_result_is_sent_from_memory(api, bridge, monkeypatch):
+    """GET /history usually comes right after `closed`: the small file it sends is still in
+    memory (storage.results.RECENT_BYTES), so the answer needs no disk read."""
+    import handlers.history
+    opened = []
+    monkeypatch.setattr(handlers.history, "open", lambda *a, **k: opened.append(a) or open(*a, **k), raising=False)
+    client_id = new_client_id()
+    await api.generate(client_id, {"workflow": "blank-image", "1/width": 40, "1/height": 30})
+    await api.wait_status(client_id, "closed")
+    path = bridge.service.get(client_id).results[0].path
+    on_disk = path.read_bytes()
+    parts = await api.history(client_id)
+    assert [p["data"] for p in parts] == [on_disk] and opened == []
+    await wait_for(lambda: bridge.service.get(client_id) is None, what="job forgotten after the send")
+    assert bridge.bridge.results.recent(path) is None   # the memory copy went with the job

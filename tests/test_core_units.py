@@ -279,3 +279,46 @@ def test_a_runnable_job_is_accepted_after_looking_at_one_backend_not_all():
     job = SimpleNamespace(allowed_backends=None, refused_by={}, class_types=classes)
     JobIntake._check_runnable(workflow, job, fleet)  # no Refused
     assert looked == 1
+
+
+def test_a_jobs_results_are_removed_by_their_known_files_and_a_stray_file_goes_too(tmp_path, monkeypatch):
+    import shutil
+    from storage.results import ResultFile, ResultStore
+    store = ResultStore(tmp_path)
+    walks = []
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: walks.append(path) or rmtree(path, **kw))
+
+    def job_with(*names) -> tuple[str, list[ResultFile]]:
+        job_id = os.urandom(16).hex()
+        files = []
+        for i, name in enumerate(names):
+            path = store.file_path(job_id, i, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            files.append(ResultFile(name=name, path=path, media_type="image/png", size=1))
+        return job_id, files
+
+    plain, files = job_with("a.png", "b.png")
+    store.remove_results(plain, files)
+    assert not store.job_dir(plain).exists() and walks == []   # no walk of the folder
+    stray, files = job_with("a.png")
+    (store.job_dir(stray) / "0.png.part").write_bytes(b"left over")
+    store.remove_results(stray, files)
+    assert not store.job_dir(stray).exists() and walks == [store.job_dir(stray)]
+    store.remove_results(stray, files)   # gone already: nothing to do
+
+
+def test_the_memory_copies_of_recent_results_stay_within_their_budget(tmp_path, monkeypatch):
+    from storage import results
+    from storage.results import ResultFile, ResultStore
+    monkeypatch.setattr(results, "RECENT_BYTES", 100)
+    store = ResultStore(tmp_path)
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    for path in paths:
+        store.keep(path, b"x" * 40)
+    assert [store.recent(p) is not None for p in paths] == [False, False, True, True]   # oldest first out
+    store.keep(tmp_path / "big.png", b"x" * 101)
+    assert store.recent(tmp_path / "big.png") is None
+    store.release([ResultFile(name="a.png", path=paths[3], media_type="image/png", size=40)])
+    assert store.recent(paths[3]) is None and store.recent(paths[2]) is not None

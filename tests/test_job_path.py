@@ -2,10 +2,13 @@
 websocket events, and the prompt's history is asked only when the events did not name them all."""
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
-from balancer.comfy import files
+import pytest
+
+from balancer.comfy import api as comfy_api, files
 
 from .conftest import TIMEOUT, new_client_id, png_bytes, wait_for
 
@@ -100,14 +103,37 @@ async def test_prompt_id_is_on_disk_before_the_backend_hears_of_it_and_its_write
     saved = await api.upload(png_bytes(seed=5))
     client_id = new_client_id()
     ws = await api.ws(client_id)
-    await api.generate(client_id, {"workflow": "invert", "1/image": saved})
+    # Queued and dispatched at once: its `queued` answer waits for the same commit.
+    generating = asyncio.ensure_future(api.generate(client_id, {"workflow": "invert", "1/image": saved}))
     try:
         await wait_for(lambda: calls("/upload/image") == 1, TIMEOUT, what="the upload, while the commit waits")
         assert calls("/prompt") == 0
     finally:
         release.set()
+    await generating
     assert (await ws.until("closed", "error"))["status"] == "closed"
     assert calls("/prompt") == 1
+
+
+async def test_a_job_queued_and_dispatched_at_once_costs_one_commit_before_its_prompt(
+        api, sim, bridge, monkeypatch):
+    """The prompt id is chosen at dispatch and the writer waits one loop pass, so the `queued`
+    record and the dispatched one (with the prompt id) go to disk together."""
+    store = bridge.bridge.store
+    commits = []   # (prompts the backend had been sent, states written) per commit
+    commit = store._commit
+
+    def spy(batch, count):
+        commit(batch, count)
+        prompts = sum(1 for method, uri, _ in sim.requests_log if method == "POST" and uri.endswith("/prompt"))
+        commits.append((prompts, [(r["state"], bool(r["prompt_id"])) for r in batch.values() if r]))
+    monkeypatch.setattr(store, "_commit", spy)
+    client_id = new_client_id()
+    ws = await api.ws(client_id)
+    await api.generate(client_id, {"workflow": "blank-image", "1/width": 8, "1/height": 8})
+    assert (await ws.until("closed", "error"))["status"] == "closed"
+    before_prompt = [states for prompts, states in commits if prompts == 0]
+    assert before_prompt == [[("running", True)]], commits
 
 
 async def test_the_prompt_ids_commit_does_not_wait_for_the_upload(api, sim, bridge, monkeypatch):
@@ -131,3 +157,43 @@ async def test_the_prompt_ids_commit_does_not_wait_for_the_upload(api, sim, brid
     finally:
         sim.release_stalls()
     assert (await ws.until("closed", "error"))["status"] == "closed"
+
+
+@pytest.mark.parametrize("limit", [None, 40], ids=["in-memory", "streamed"])
+async def test_a_small_result_touches_the_disk_only_off_the_loop(api, sim, monkeypatch, limit):
+    """A result up to SMALL_DOWNLOAD is held in memory and written by one executor call; past
+    that it is written as it arrives (its file opened on the loop). Both byte for byte."""
+    if limit is not None:
+        monkeypatch.setattr(files, "SMALL_DOWNLOAD", limit)
+    opened_on_loop = []
+
+    def spy(path, *args, **kwargs):
+        opened_on_loop.append(threading.current_thread() is threading.main_thread())
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(files, "open", spy, raising=False)
+    parts = await _run(api, {"workflow": "blank-image", "1/width": 32, "1/height": 32, "1/color": 0x123456})
+    made = [p.read_bytes() for p in Path(sim.folders.output).rglob("*.png")]
+    assert len(parts) == 1 and [parts[0]["data"]] == made
+    assert len(made[0]) > 40
+    assert opened_on_loop == ([False] if limit is None else [True])
+
+
+def _history_deletes(sim) -> list[list[str]]:
+    return [body["delete"] for method, uri, body in sim.requests_log
+            if method == "POST" and uri.removeprefix("/api") == "/history" and isinstance(body, dict)]
+
+
+async def test_history_entries_of_stored_results_are_deleted_in_one_call(api, sim, bridge, monkeypatch):
+    monkeypatch.setattr(comfy_api, "FORGET_AFTER", 3600.0)   # nothing goes on its own in this test
+    for color in (1, 2, 3):
+        await _run(api, {**BLANK, "1/color": color})
+    assert _history_deletes(sim) == []
+    bridge.service.cleanup.flush()
+    await wait_for(lambda: _history_deletes(sim), TIMEOUT, what="the deletion")
+    assert _history_deletes(sim) == [sim.executed_prompts[-3:]]
+
+
+async def test_history_entries_are_deleted_soon_after_the_job(api, sim):
+    await _run(api, BLANK)
+    await wait_for(lambda: _history_deletes(sim), TIMEOUT, what="the deletion")
+    assert _history_deletes(sim) == [sim.executed_prompts[-1:]]

@@ -1,6 +1,7 @@
 """The ComfyUI calls the bridge makes, by what they mean. Each takes the `Backend` to ask."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,8 @@ if TYPE_CHECKING:
     from .backend import Backend
 
 log = logging.getLogger("bridge.backend")
+# Seconds a finished prompt's history entry waits for others to be deleted with it.
+FORGET_AFTER = 0.5
 
 
 async def submit_prompt(backend: "Backend", graph: dict, prompt_id: str):
@@ -80,6 +83,41 @@ async def forget_prompts(backend: "Backend", prompt_ids: list[str]) -> None:
         await backend.http.call("POST", "/history", {"delete": prompt_ids})
     except (BackendUnavailable, BackendRejected):
         pass
+
+
+class HistoryCleanup:
+    """History entries whose results the bridge has stored, deleted in batches: one POST /history
+    per backend every FORGET_AFTER seconds at most, not one per job (a call costs both sides
+    more than the entries it names). Entries still waiting when the bridge stops stay on their
+    backend, under ComfyUI's own history limit, as after a crash."""
+
+    def __init__(self):
+        self._waiting: dict["Backend", list[str]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task] = set()
+
+    def forget(self, backend: "Backend", prompt_id: str) -> None:
+        self._waiting.setdefault(backend, []).append(prompt_id)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FORGET_AFTER, self.flush)
+
+    def flush(self) -> None:
+        """Send what waits now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting = self._waiting, {}
+        for backend, prompt_ids in waiting.items():
+            call = asyncio.ensure_future(forget_prompts(backend, prompt_ids))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for call in self._calls:
+            call.cancel()
 
 
 async def stop_and_forget(backend: "Backend", prompt_ids: list[str]) -> None:

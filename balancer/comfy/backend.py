@@ -287,8 +287,8 @@ class Backend:
             message = await ws.read_message()
             if message is None:
                 return
-            if isinstance(message, bytes):
-                continue  # binary previews: the bridge does not relay them
+            if isinstance(message, bytes) or '"prompt_id"' not in message:
+                continue  # binary previews, and status broadcasts that name no prompt: not routed
             try:
                 parsed = ujson.loads(message)
                 kind, data = parsed["type"], parsed.get("data") or {}

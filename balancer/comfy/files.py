@@ -1,7 +1,8 @@
 """Moving files between the bridge's disk and a backend: input uploads (with the per-backend
 record of what is there already) and output downloads.
 
-A download is written to disk as it arrives, so memory does not grow with the file's size. An
+A download up to SMALL_DOWNLOAD is held in memory and written to disk in one executor call at its
+end; a larger one is written as it arrives, so memory does not grow with the file's size. An
 upload up to SMALL_UPLOAD is read in one go and sent over the backend's kept-alive connection
 (libcurl's); a larger one is sent from the file in chunks, which only tornado's own client can
 do, on a new connection each time (one more round trip, and the disk reads between chunks).
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 CHUNK = 256 * 1024
 SMALL_UPLOAD = 4 * 1024 * 1024   # bytes held in memory at most per upload in flight
+SMALL_DOWNLOAD = 4 * 1024 * 1024   # and per download in flight
 UPLOAD_SUBFOLDER = "bridge"
 # Slow links: allow at least this many bytes per second before an upload times out.
 MIN_TRANSFER_RATE = 1024 * 1024
@@ -123,31 +125,70 @@ def _streamed_upload(backend: "Backend", path: Path, size: int, head: bytes, tai
         headers={"Content-Type": content_type, "Content-Length": str(len(head) + size + len(tail))})
 
 
-async def download_to(backend: "Backend", item: OutputItem, target: Path) -> ResultFile:
-    """GET /view into `target`, streamed to disk; it times out on silence, not on its length."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    handle = open(partial, "wb")
-    size = 0
-
-    def write(chunk: bytes) -> None:
-        nonlocal size
-        size += len(chunk)
-        handle.write(chunk)
-
-    def restart() -> None:  # a retried read starts the file again
-        nonlocal size
-        size = 0
-        handle.seek(0)
-        handle.truncate()
-
+async def download_to(backend: "Backend", item: OutputItem, target: Path, keep=None) -> ResultFile:
+    """GET /view into `target`; it times out on silence, not on its length. `keep(target, data)`
+    is given the content of a file that was held in memory whole."""
+    sink = _DownloadSink(target)
     query = urlencode({"filename": item.filename, "subfolder": item.subfolder, "type": item.type})
     request = backend.http.silence_limited(
-        backend.http.request("GET", f"/view?{query}", streaming_callback=write, timeout=DOWNLOAD_TOTAL_TIMEOUT),
+        backend.http.request("GET", f"/view?{query}", streaming_callback=sink.write,
+                             timeout=DOWNLOAD_TOTAL_TIMEOUT),
         silence=backend.request_timeout)
     try:
-        await backend.http.fetch(request, "GET /view", retry=True, restart=restart)
+        await backend.http.fetch(request, "GET /view", retry=True, restart=sink.restart)
+        await asyncio.get_running_loop().run_in_executor(None, sink.store)
     finally:
-        handle.close()
-    os.replace(partial, target)
-    return ResultFile(name=item.filename, path=target, media_type=media_type_for(item.filename), size=size)
+        sink.close()
+    if keep is not None and sink.whole is not None:
+        keep(target, sink.whole)
+    return ResultFile(name=item.filename, path=target, media_type=media_type_for(item.filename), size=sink.size)
+
+
+class _DownloadSink:
+    """A download's bytes: held in memory up to SMALL_DOWNLOAD, so a typical result touches the
+    disk in one executor call at its end (`store`); past that, written to a `.part` file as they
+    come, so memory does not grow with the file's size."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.partial = target.with_name(target.name + ".part")
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.handle = None
+        self.whole: bytes | None = None   # the content, once stored from memory
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.handle is not None:
+            self.handle.write(chunk)
+            return
+        self.chunks.append(chunk)
+        if self.size > SMALL_DOWNLOAD:   # a large file: to disk from now on
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.partial, "wb")
+            self.handle.writelines(self.chunks)
+            self.chunks = []
+
+    def restart(self) -> None:  # a retried read starts the file again
+        self.size = 0
+        self.chunks = []
+        if self.handle is not None:
+            self.handle.seek(0)
+            self.handle.truncate()
+
+    def store(self) -> None:
+        """The whole file at `target` (run in an executor)."""
+        if self.handle is None:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            data = b"".join(self.chunks)
+            with open(self.partial, "wb") as handle:
+                handle.write(data)
+            self.chunks = []
+            self.whole = data
+        else:
+            self.handle.close()
+        os.replace(self.partial, self.target)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
