@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from .comfy.http import BackendRejected, BackendUnavailable
 from .comfy.watch import PromptWatch
 from .jobs import INTERRUPTED, Job
 from .progress import ProgressTracker
+
+log = logging.getLogger("bridge.jobs")
 
 HISTORY_POLL_INTERVAL = 2.0     # safety net for websocket events that never came
 HISTORY_WRITE_GRACE = 10.0      # history is written just after execution_success
@@ -205,9 +208,13 @@ class PromptRun:
             if entry is None:
                 return Outcome(Ending.FAILED, "the backend finished the job but kept no history of it")
         stored = []
-        for index, item in enumerate(output_files(entry, self.job.graph)):
-            target = self.results.file_path(self.job.id, index, item.filename)
-            stored.append(await self._read(download_to, item, target, self.results.keep))
+        try:
+            for index, item in enumerate(output_files(entry, self.job.graph)):
+                target = self.results.file_path(self.job.id, index, item.filename)
+                stored.append(await self._read(download_to, item, target, self.results.keep))
+        except OSError as exc:   # the bridge's own disk (full, read-only): no backend is to blame
+            log.error("job %s: could not store its results: %s", self.job.id, exc)
+            return Outcome(Ending.FAILED, f"the bridge could not store the results: {exc.strerror or exc}")
         return Outcome(Ending.DONE, results=stored)
 
     async def _history_after_end(self) -> dict | None:

@@ -322,6 +322,10 @@ class JobService:
             if job.stop_reason is None:
                 raise  # shutting down
             return     # cancelled or moved: already applied
+        except Exception as exc:  # a fault of the bridge's own: the job still ends, its slot is freed
+            log.exception("job %s: its run on %s failed", job.id, backend.address)
+            outcome = Outcome(Ending.FAILED, f"the bridge failed while running the job ({type(exc).__name__})",
+                              stop_prompt=True)
         if outcome.stop_prompt and run.prompt_id is not None:
             self._spawn(api.stop_prompt(backend, run.prompt_id))
         await self._apply(job, backend, outcome, run.prompt_id)

@@ -337,3 +337,51 @@ async def test_no_health_probe_while_the_backends_calls_are_answered(monkeypatch
     await backend._watch_health()
     assert probes == ["/system_stats"]  # only once no answer came for an interval
     backend.http.close()
+
+
+async def test_a_result_the_bridge_cannot_store_fails_that_job_and_frees_the_slot(
+        sim_factory, bridge_factory, monkeypatch):
+    """The bridge's own disk full: the job ends in error naming it (not `running` for good),
+    and the backend goes on with the next job."""
+    import errno
+
+    from balancer.comfy import files
+    sim = await sim_factory()
+    bridge = await bridge_factory([sim], MAX_INFLIGHT_PER_SERVER=1)
+    api = bridge.api()
+    real_store = files._DownloadSink.store
+    full = {"on": True}
+
+    def store(sink):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_store(sink)
+    monkeypatch.setattr(files._DownloadSink, "store", store)
+    [failed] = await run_inverts(api, 1)
+    info = await api.wait_status(failed, "error", "closed")
+    assert info["status"] == "error" and "could not store the results: No space left on device" in info["detail"]
+    full["on"] = False
+    await finish(api, await run_inverts(api, 1))
+    assert not bridge.service.backends[0].in_flight
+
+
+async def test_an_unexpected_fault_in_a_run_ends_the_job_and_frees_the_slot(
+        sim_factory, bridge_factory, monkeypatch):
+    from balancer import run as run_module
+    sim = await sim_factory()
+    bridge = await bridge_factory([sim], MAX_INFLIGHT_PER_SERVER=1)
+    api = bridge.api()
+    real_collect = run_module.PromptRun._collect
+    broken = {"on": True}
+
+    async def collect(self):
+        if broken["on"]:
+            raise RuntimeError("a bug")
+        return await real_collect(self)
+    monkeypatch.setattr(run_module.PromptRun, "_collect", collect)
+    [failed] = await run_inverts(api, 1)
+    info = await api.wait_status(failed, "error", "closed")
+    assert info["status"] == "error" and "the bridge failed while running the job (RuntimeError)" in info["detail"]
+    broken["on"] = False
+    await finish(api, await run_inverts(api, 1))
+    assert not bridge.service.backends[0].in_flight
