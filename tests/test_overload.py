@@ -194,18 +194,23 @@ async def test_refusals_are_logged_as_a_rate_and_counted_in_metrics(full, caplog
 
 
 async def test_refused_connections_read_their_next_request_in_turn(monkeypatch):
-    """`REFUSED_PER_TURN` of them per pass of the loop, in the order they were refused."""
+    """`REFUSED_PER_TURN` of them per turn, in the order they were refused, and the next turn
+    not before `REFUSED_TURN_SECONDS` (a turn the loop's next pass would be no limit)."""
     monkeypatch.setattr(connections, "REFUSED_PER_TURN", 4)
+    monkeypatch.setattr(connections, "REFUSED_TURN_SECONDS", 3600)
     server = connections.BridgeHTTPServer(lambda *a: None, body_silence=1.0)
     released = []
     for i in range(10):
         server.in_turn(lambda i=i: released.append(i))
     assert released == []
-    counts = []
-    for _ in range(3):
-        await asyncio.sleep(0)  # one pass of the loop
-        counts.append(len(released))
-    assert counts == [4, 8, 10] and released == list(range(10))
+    for _ in range(5):
+        await asyncio.sleep(0)  # passes of the loop: the first is a turn, the others wait
+    assert released == [0, 1, 2, 3]
+    server._next_turn()  # what the timer does an hour later
+    assert released == list(range(8))
+    monkeypatch.setattr(connections, "REFUSED_TURN_SECONDS", 0)
+    server._next_turn()
+    assert released == list(range(10))
 
 
 async def test_accepted_jobs_complete_while_refusals_come(sim, bridge_factory):
