@@ -175,6 +175,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def serve(settings: Settings, demo: bool, lock: DataDirLock, sockets: list) -> None:
+    # Signals first: a stop asked for while starting (or right after "listening on") is a
+    # clean stop once started, not a kill by the default handler.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     sims = []
     if demo:
         sims = await start_demo_backends()
@@ -185,10 +191,6 @@ async def serve(settings: Settings, demo: bool, lock: DataDirLock, sockets: list
     settle_heap()
     if demo:
         print(demo_banner(settings, port), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
     await bridge.stop()
