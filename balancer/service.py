@@ -1,8 +1,8 @@
 """The core: the bridge's jobs, its queue, and the one place where what happens to a job is
 applied (state, queue, persistence, client messages).
 
-Handlers call `submit`, `status_of`, `cancel`, `interrupt`, `history`, `results_sent`, `free`
-and `snapshot`. The scheduler (`scheduler.py`) decides where a queued job runs; a run
+Handlers call `submit`, `wait_for_end`, `status_of`, `cancel`, `interrupt`, `history`,
+`results_sent`, `free` and `snapshot`. The scheduler (`scheduler.py`) decides where a queued job runs; a run
 (`run.py`) carries one prompt on one backend and ends with an outcome, applied here. A backend
 only ever receives a job when it has a free slot, so the bridge's queue is the only queue that
 matters and cancelling a queued job never touches a backend.
@@ -63,6 +63,7 @@ class JobService:
         self._background: set[asyncio.Task] = set()
         self.cleanup = api.HistoryCleanup()   # history entries of stored results, deleted in batches
         self.counters: Counter[str] = Counter()  # events worth counting (metrics, tests)
+        self._end_waiters: dict[str, list[asyncio.Future]] = {}   # job id -> `wait_for_end` callers
         # Called as observer(event, job, backend, detail) on every job transition.
         self.observers: list = [log_job_event]
 
@@ -73,6 +74,8 @@ class JobService:
 
     async def close(self) -> None:
         self._closing = True
+        for job_id in list(self._end_waiters):  # held requests answer now, before their connections go
+            self._wake(job_id)
         for job in list(self.jobs.values()):
             if job.task is not None:
                 job.task.cancel()
@@ -168,8 +171,8 @@ class JobService:
     def cancel(self, client_id: str, reason: str = INTERRUPTED) -> bool:
         """Cancel the client's queued or running job; False if there was none to cancel."""
         job = self.jobs.get(client_id)
-        if job is None or not job.active:
-            return False
+        if job is None or not job.active or self._closing:
+            return False  # (shutting down: jobs are kept for the restart, not cancelled)
         self._transition(job, "cancelled", was=job.state.value)
         if job.state is JobState.QUEUED:
             self.queue.remove(job)
@@ -201,6 +204,29 @@ class JobService:
             self._forget(job)
             raise JobFailed(job.error)
         return job if job.state is JobState.DONE else None
+
+    async def wait_for_end(self, job: Job, timeout: float) -> bool:
+        """Wait until the job has ended (results stored, or its error set) or `timeout` passed;
+        True when it has ended. For generate's `wait=`."""
+        if job.active and not self._closing:
+            waiter = asyncio.get_running_loop().create_future()
+            self._end_waiters.setdefault(job.id, []).append(waiter)
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                waiters = self._end_waiters.get(job.id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._end_waiters[job.id]
+        return job.ended
+
+    def _wake(self, job_id: str) -> None:
+        for waiter in self._end_waiters.pop(job_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def results_sent(self, job: Job, complete: bool) -> None:
         """The results went out; only a complete send ends the job (a broken one may be retried)."""
@@ -384,6 +410,7 @@ class JobService:
             self._spawn(self._free(backend))
         await saved  # `closed` promises the results are there, even across a crash
         self.hub.publish(job.client_id, job.status(), final=True)
+        self._wake(job.id)
 
     def _fail(self, job: Job, reason: str) -> None:
         job.state = JobState.ERROR
@@ -391,6 +418,7 @@ class JobService:
         job.finished_at = time.time()
         self._transition(job, "failed", job.last_backend, reason=reason)
         self.hub.publish(job.client_id, status_message("error", reason), final=True)
+        self._wake(job.id)
 
     # What runs tell the service while they go on (run.RunEvents). A run whose job was
     # cancelled or moved may still speak before its task stops: only a running job listens.

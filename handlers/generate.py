@@ -1,12 +1,43 @@
-"""POST /generate-based-workflow: read the request, queue the job."""
+"""POST /generate-based-workflow: read the request, queue the job.
+
+With `wait=<seconds>` the request is held until the job ends and answered as GET /history
+would (or `202` when the wait runs out first; the job goes on). A client that disconnects
+while held cancels its job, as closing its websocket does.
+"""
 from __future__ import annotations
 
+import math
+
 from balancer.jobs import status_message
+from balancer.progress import format_percent
 
 from .base import ApiError, JsonHandler, http_error
+from .history import HistoryAnswer
+
+# The longest `wait` accepted, in seconds: a request held longer is usually cut by a proxy or
+# client timeout anyway; longer jobs are followed by the websocket or /execution-info.
+MAX_WAIT = 600.0
+WAIT_GONE = "interrupted: the client closed its connection while waiting (wait=)"
 
 
-class GenerateHandler(JsonHandler):
+def parse_wait(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_WAIT:  # NaN fails too
+        shown = raw if len(raw) <= 32 else raw[:32] + "..."
+        raise ApiError(400, f"query parameter 'wait' must be a number of seconds from 0 to {MAX_WAIT:g}; "
+                            f"got {shown!r}")
+    return value
+
+
+class GenerateHandler(HistoryAnswer, JsonHandler):
+    _held = None      # the job this request waits for (wait=)
+    _gone = False     # the client closed the connection
+
     def prepare(self) -> None:
         super().prepare()
         if self.request.method == "POST":
@@ -18,6 +49,7 @@ class GenerateHandler(JsonHandler):
     async def post(self) -> None:
         client_id = self.client_id()
         try:
+            wait = parse_wait(self.get_query_argument("wait", None))
             body = self.json_body()
             alias = body.pop("workflow", None)
             if not isinstance(alias, str) or not alias:
@@ -26,7 +58,23 @@ class GenerateHandler(JsonHandler):
         except Exception as exc:
             self._tell_socket(client_id, exc)
             raise
-        self.write_json({"detail": f"queued / {position}"})
+        if wait is None:
+            return self.write_json({"detail": f"queued / {position}"})
+        job = self._held = self.service.get(client_id)
+        ended = await self.service.wait_for_end(job, wait)
+        self._held = None
+        if self._gone:
+            return
+        if not ended:
+            return self.write_json({"detail": f"still running / {format_percent(job.percent)}"}, status=202)
+        await self.answer_history(client_id)
+
+    def on_connection_close(self) -> None:
+        self._gone = True
+        job, self._held = self._held, None
+        if job is not None and self.service.get(job.client_id) is job:
+            self.service.cancel(job.client_id, WAIT_GONE)  # nobody is left to take the result
+        super().on_connection_close()
 
     def _tell_socket(self, client_id: str, exc: Exception) -> None:
         """A refused generate also reaches the clientId's open socket (`error`, then close):

@@ -1,7 +1,8 @@
 """GET /history: a finished job's files as multipart/form-data, then the job is gone.
 
 The files are streamed from disk; they are deleted only after the whole response was sent,
-so a download that breaks midway can be retried.
+so a download that breaks midway can be retried. `HistoryAnswer` is that answer, also given by
+generate with `wait=` once its job ended.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "")
 
 
-class HistoryHandler(JsonHandler):
-    async def get(self) -> None:
-        client_id = self.client_id()
+class HistoryAnswer:
+    """For a JsonHandler: answer as GET /history does for `client_id`."""
+
+    async def answer_history(self, client_id: str) -> None:
         try:
             job = self.service.history(client_id)  # a failed job: JobFailed, a 400 with its reason
         except UnknownClient:
@@ -79,6 +81,11 @@ class HistoryHandler(JsonHandler):
             self.request.connection.close()
             return False
         return True
+
+
+class HistoryHandler(HistoryAnswer, JsonHandler):
+    async def get(self) -> None:
+        await self.answer_history(self.client_id())
 
 
 routes = [(r"/history", HistoryHandler)]
