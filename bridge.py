@@ -32,6 +32,7 @@ from handlers.connections import BridgeHTTPServer
 from logs import RefusalLog, configure_logging, log_request
 from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
+from balancer.remote_inputs import RemoteInputs
 from balancer.service import JobService
 from settings import (Settings, SettingsError, add_arguments, load_settings, overrides_from_args,
                       setting_source)
@@ -67,12 +68,15 @@ class Bridge:
         self.service = JobService(settings, self.catalog, self.uploads, self.results, self.state, self.hub,
                                   self.store)
         self.metrics = BridgeMetrics(self.service, self.hub, self.state)
+        self.remote_inputs = RemoteInputs(self.catalog, self.uploads, settings.input_url_allowed_hosts,
+                                          settings.upload_max_bytes, settings.upload_max_size)
         self.refusals = RefusalLog()
         self.app = web.Application(
             handlers.all_routes(str(static_dir())),
             default_handler_class=handlers.NotFoundHandler,
             config=settings, service=self.service, catalog=self.catalog, uploads=self.uploads,
             hub=self.hub, state=self.state, metrics=self.metrics, refusals=self.refusals,
+            remote_inputs=self.remote_inputs,
             log_function=log_request,
             websocket_ping_interval=20, websocket_ping_timeout=20,
             websocket_max_message_size=64 * 1024,
@@ -134,6 +138,7 @@ class Bridge:
         if self.server is not None:
             self.server.stop()
         await self.service.close()
+        self.remote_inputs.close()
         await self.store.close()
         await self.state.flush()
         if self.server is not None:

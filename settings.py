@@ -87,6 +87,10 @@ def _origins(raw: str) -> tuple[str, ...]:
     return tuple(part.strip().rstrip("/") for part in raw.split(",") if part.strip())
 
 
+def _host_patterns(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+
+
 def _text(raw: str) -> str:
     return raw.strip()
 
@@ -137,6 +141,9 @@ OPTIONS: tuple[Option, ...] = (
            "included) before it is dropped; no limit on the body's total time"),
     Option("BRIDGE_API_KEY", "", _text, "when set, clients must send this key"),
     Option("CORS_ORIGINS", "", _origins, "comma-separated browser origins allowed (CORS)"),
+    Option("INPUT_URL_ALLOWED_HOSTS", "", _host_patterns,
+           "comma-separated host patterns (fnmatch; host:port to match the port) file inputs given by "
+           "URL may be fetched from; empty: any public host, never loopback, private, link-local or metadata"),
 )
 
 
@@ -166,6 +173,7 @@ class Settings:
     body_timeout: float
     bridge_api_key: str = field(repr=False)
     cors_origins: tuple[str, ...]
+    input_url_allowed_hosts: tuple[str, ...]
 
     @property
     def upload_max_bytes(self) -> int:

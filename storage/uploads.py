@@ -7,6 +7,7 @@ content. A client's file name or path never reaches the file system; it only app
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -99,6 +100,23 @@ class UploadStore:
                 except FileNotFoundError:
                     pass  # removed meanwhile
         return found
+
+    def new_incoming(self) -> Path:
+        """A fresh path in the incoming folder, for a file on its way into the store."""
+        return self.incoming / f"{uuid.uuid4().hex}.part"
+
+    def store_once(self, temp: Path, kind: FileKind, key: bytes) -> str:
+        """Move a complete file from the incoming folder into the store under a name derived
+        from `key` (its origin and content): the same key gives the same saved name, and a file
+        already stored under it is kept (and its UPLOAD_TTL restarted) instead of stored twice."""
+        name = f"{hashlib.sha256(key).hexdigest()[:32]}.{kind.ext}"
+        final = self.directory / name
+        if final.is_file():
+            os.utime(final)
+            temp.unlink(missing_ok=True)
+        else:
+            os.replace(temp, final)
+        return name
 
     def new_saved_name(self, kind: FileKind) -> str:
         """A fresh name for a file of `kind`, of the shape `is_saved_name` accepts."""
