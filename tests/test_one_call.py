@@ -103,3 +103,15 @@ async def test_a_bad_wait_is_a_400_naming_it_and_queues_nothing(api):
         assert answer.code == 400, (bad, answer.body)
         assert "'wait'" in ujson.loads(answer.body)["detail"]
         assert (await api.fetch(f"/execution-info?clientId={client_id}")).code == 400  # no job
+
+
+async def test_a_held_request_outlasts_the_connection_timeouts(sim, bridge_factory):
+    # HEADER_TIMEOUT and BODY_TIMEOUT bound a client's silence, not the bridge's own time to answer.
+    bridge = await bridge_factory([sim], header_timeout=0.3, body_timeout=0.3)
+    api = bridge.api()
+    sim.tick_seconds = 0.05
+    saved = await api.upload(png_bytes())
+    answer = await generate_waiting(api, new_client_id(),
+                                    {"workflow": "slow-progress", "1/image": saved, "2/steps": 20}, 10)
+    assert answer.code == 200 and len(parts_of(answer)) == 1
+    api.close()

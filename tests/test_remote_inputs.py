@@ -167,3 +167,14 @@ async def test_inline_data_over_the_upload_limit_is_refused(tmp_path):
     name = await inputs._decode("data:;base64," + base64.b64encode(small).decode(), "input 'x'")
     assert uploads.exists(name)
     inputs.close()
+
+
+async def test_the_fetch_itself_connects_to_public_addresses_only(api, files, monkeypatch):
+    # As if DNS had answered the guard with a public address and the fetch with a loopback one.
+    async def fooled(url, field, allowed_hosts):
+        return None
+    monkeypatch.setattr("balancer.remote_inputs.check_url", fooled)
+    base, _, served = files
+    code, detail = await run_waiting(api, f"{base}/image.png")
+    assert code == 400 and "cannot fetch from host '127.0.0.1'" in detail and "refused addresses" in detail, detail
+    assert served == []
