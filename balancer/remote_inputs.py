@@ -55,9 +55,9 @@ class RemoteInputs:
         self.max_bytes = max_bytes
         self.limit_text = f"{max_size_mb} MB (UPLOAD_MAX_SIZE)"
         # Its own client, not a backend's, with bounded bodies and buffers (a body sent without
-        # a length is buffered whole by tornado before it is handed over).
-        # (tornado checks a chunk's declared size before any of it arrives: its limit sits a
-        # little above ours, so that a body crossing ours reaches `_Body.write`, which says why.)
+        # a length is buffered whole by tornado). Tornado refuses a chunk from its declared size,
+        # before any of it arrives, and silently: its limit sits a little above ours, so that a
+        # body crossing ours reaches `_Body.write`, which can say why the fetch ended.
         self.http = SimpleAsyncHTTPClient(force_instance=True, max_clients=MAX_CLIENTS,
                                           max_body_size=max_bytes + SLACK, max_buffer_size=max_bytes + SLACK,
                                           resolver=None if allowed_hosts else PublicResolver())
@@ -138,7 +138,9 @@ class RemoteInputs:
                     raise Refused(f"{field}: the file at host '{host}' has an unsupported type; "
                                   f"accepted: {ACCEPTED_LABELS}")
                 key = first.encode("utf-8", "replace") + b"\n" + body.digest.digest()
-                return self.uploads.store_once(body.path, kind, key)
+                saved = self.uploads.store_once(body.path, kind, key)
+                log.info("%s: %d bytes (%s) from host '%s', stored as %s", field, body.size, kind.label, host, saved)
+                return saved
             finally:
                 body.discard()
         raise Refused(f"{field}: more than {MAX_REDIRECTS} redirects")

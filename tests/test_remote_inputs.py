@@ -178,3 +178,17 @@ async def test_the_fetch_itself_connects_to_public_addresses_only(api, files, mo
     code, detail = await run_waiting(api, f"{base}/image.png")
     assert code == 400 and "cannot fetch from host '127.0.0.1'" in detail and "refused addresses" in detail, detail
     assert served == []
+
+
+async def test_new_content_at_the_same_url_is_a_new_file(allowed, files, monkeypatch):
+    bridge, api = allowed
+    base, _, _ = files
+    names = []
+    for seed in (1, 2, 2):
+        monkeypatch.setitem(Files.content, "/changing.png", png_bytes(seed=seed))
+        client_id = new_client_id()
+        await api.generate(client_id, {"workflow": "invert", "1/image": f"{base}/changing.png"})
+        names.append(bridge.service.get(client_id).files["1/image"].name)
+        await api.wait_status(client_id, "closed")
+    assert names[0] != names[1] and names[1] == names[2], names
+    assert sorted(n for n, _, _ in bridge.bridge.uploads.list()) == sorted(set(names))
