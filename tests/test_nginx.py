@@ -11,6 +11,7 @@ locally, failed under CI (CI=true; .ci/run installs nginx).
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import os
 import shutil
@@ -205,3 +206,37 @@ async def test_a_job_through_nginx_with_tls_and_the_websocket(proxy):
     log = (folder / "comfy-bridge.access.log").read_text()
     assert "GET /ws " in log and "POST /upload " in log
     assert KEY not in log and "token=" not in log  # ?token= never written to disk
+
+
+async def test_generate_with_wait_through_nginx_and_a_client_leaving(proxy, sim):
+    """The location for generate holds a `wait=` request and passes a client's leaving on."""
+    https, _, folder = proxy
+    ca = str(folder / "cert.pem")
+    client = httpclient.AsyncHTTPClient(force_instance=True)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(png, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+
+    async def generate(client_id, body, wait, timeout=TIMEOUT):
+        return await client.fetch(f"{https}/generate-based-workflow?clientId={client_id}&wait={wait}", method="POST",
+                                  body=ujson.dumps(body), headers={**auth, "Content-Type": "application/json"},
+                                  ca_certs=ca, request_timeout=timeout, raise_error=False)
+    try:
+        done = await generate(new_client_id(), {"workflow": "invert", "1/image": data_url}, 10)
+        assert done.code == 200 and len(parse_multipart(done.body, done.headers["Content-Type"])) == 1
+
+        sim.tick_seconds = 0.05
+        client_id = new_client_id()
+        with pytest.raises(httpclient.HTTPClientError):  # the client gives up after 1 s and closes
+            await generate(client_id, {"workflow": "slow-progress", "1/image": data_url, "2/steps": 400}, 60,
+                           timeout=1.0)
+
+        async def cancelled():
+            info = await client.fetch(f"{https}/execution-info?clientId={client_id}", headers=auth, ca_certs=ca,
+                                      request_timeout=TIMEOUT, raise_error=False)
+            return ujson.loads(info.body).get("status") == "error" and ujson.loads(info.body)
+        info = await wait_for(cancelled, TIMEOUT, interval=0.05, what="the job cancelled")
+        assert info["detail"].startswith("interrupted: the client closed its connection")
+    finally:
+        client.close()
