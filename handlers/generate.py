@@ -63,6 +63,8 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
         if wait is None:
             return self.write_json({"detail": f"queued / {position}"})
         job = self._held = self.service.get(client_id)
+        if self._gone:  # it left while its inputs were fetched or its job written
+            return self._cancel_held()
         ended = await self.service.wait_for_end(job, wait)
         self._held = None
         if self._gone:
@@ -73,10 +75,13 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
 
     def on_connection_close(self) -> None:
         self._gone = True
+        self._cancel_held()
+        super().on_connection_close()
+
+    def _cancel_held(self) -> None:
         job, self._held = self._held, None
         if job is not None and self.service.get(job.client_id) is job:
             self.service.cancel(job.client_id, WAIT_GONE)  # nobody is left to take the result
-        super().on_connection_close()
 
     def _tell_socket(self, client_id: str, exc: Exception) -> None:
         """A refused generate also reaches the clientId's open socket (`error`, then close):

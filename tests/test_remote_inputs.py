@@ -2,6 +2,7 @@
 simulator, with their limits and the SSRF guard."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
@@ -14,7 +15,8 @@ from tornado.testing import bind_unused_port
 from balancer.errors import Refused
 from balancer.remote_inputs import RemoteInputs
 from storage.uploads import UploadStore
-from tests.conftest import new_client_id, png_bytes
+from handlers.generate import WAIT_GONE
+from tests.conftest import new_client_id, png_bytes, wait_for
 
 IMAGE = png_bytes(seed=11)
 MB = 1024 * 1024
@@ -25,8 +27,11 @@ class Files(web.RequestHandler):
     content = {"/image.png": IMAGE, "/text.txt": b"just some text, not a picture\n" * 10,
                "/big.png": IMAGE + b"\0" * (MB + 10)}
 
-    def get(self, path):
+    async def get(self, path):
         self.application.settings["served"].append(path)
+        if path == "/held.png":  # answered once the test releases it
+            await self.application.settings["release"].wait()
+            return self.finish(IMAGE)
         if path == "/moved":
             return self.redirect("/image.png")
         if path == "/away":
@@ -45,9 +50,11 @@ class Files(web.RequestHandler):
 async def files():
     sock, port = bind_unused_port()
     served = []
-    server = httpserver.HTTPServer(web.Application([(r"(/.*)", Files)], served=served))
+    release = asyncio.Event()
+    server = httpserver.HTTPServer(web.Application([(r"(/.*)", Files)], served=served, release=release))
     server.add_sockets([sock])
-    yield f"http://127.0.0.1:{port}", port, served
+    yield f"http://127.0.0.1:{port}", port, served, release
+    release.set()
     server.stop()
     await server.close_all_connections()
 
@@ -55,7 +62,7 @@ async def files():
 @pytest.fixture
 async def allowed(sim, bridge_factory, files):
     """A bridge whose INPUT_URL_ALLOWED_HOSTS lets it reach the file server."""
-    base, port, _ = files
+    base, port, _, _ = files
     bridge = await bridge_factory([sim], input_url_allowed_hosts=f"127.0.0.1:{port}", upload_max_size=1)
     client = bridge.api()
     yield bridge, client
@@ -86,7 +93,7 @@ def result_bytes(body: bytes) -> bytes:
 
 async def test_an_input_by_url_runs_like_the_uploaded_file_and_is_stored_once(allowed, files):
     bridge, api = allowed
-    base, _, served = files
+    base, _, served, _ = files
     expected = await result_of_upload(api)
     for _ in range(2):
         code, body = await run_waiting(api, f"{base}/image.png")
@@ -114,7 +121,7 @@ async def test_an_inline_data_input_runs_like_the_uploaded_file(api, bridge):
 
 async def test_url_inputs_over_the_limit_of_a_wrong_type_or_unreachable_are_400s(allowed, files):
     _, api = allowed
-    base, port, _ = files
+    base, port, _, _ = files
     cases = {
         f"{base}/big.png": "over the limit of 1 MB (UPLOAD_MAX_SIZE)",      # by its Content-Length
         f"{base}/chunked-big": "over the limit of 1 MB (UPLOAD_MAX_SIZE)",  # counted as it comes
@@ -140,7 +147,7 @@ async def test_unreachable_url_is_a_400(sim, bridge_factory):
 
 
 async def test_by_default_loopback_hosts_are_refused(api, files):
-    base, _, served = files
+    base, _, served, _ = files
     code, detail = await run_waiting(api, f"{base}/image.png")
     assert code == 400 and detail.startswith("input '1/image': host '127.0.0.1' is refused"), detail
     assert "loopback" in detail and served == []
@@ -174,7 +181,7 @@ async def test_the_fetch_itself_connects_to_public_addresses_only(api, files, mo
     async def fooled(url, field, allowed_hosts):
         return None
     monkeypatch.setattr("balancer.remote_inputs.check_url", fooled)
-    base, _, served = files
+    base, _, served, _ = files
     code, detail = await run_waiting(api, f"{base}/image.png")
     assert code == 400 and "cannot fetch from host '127.0.0.1'" in detail and "refused addresses" in detail, detail
     assert served == []
@@ -182,7 +189,7 @@ async def test_the_fetch_itself_connects_to_public_addresses_only(api, files, mo
 
 async def test_new_content_at_the_same_url_is_a_new_file(allowed, files, monkeypatch):
     bridge, api = allowed
-    base, _, _ = files
+    base, _, _, _ = files
     names = []
     for seed in (1, 2, 2):
         monkeypatch.setitem(Files.content, "/changing.png", png_bytes(seed=seed))
@@ -192,3 +199,20 @@ async def test_new_content_at_the_same_url_is_a_new_file(allowed, files, monkeyp
         await api.wait_status(client_id, "closed")
     assert names[0] != names[1] and names[1] == names[2], names
     assert sorted(n for n, _, _ in bridge.bridge.uploads.list()) == sorted(set(names))
+
+
+async def test_a_client_leaving_while_its_input_is_fetched_cancels_the_job(allowed, files):
+    bridge, api = allowed
+    base, _, served, release = files
+    client_id = new_client_id()
+    body = ujson.dumps({"workflow": "invert", "1/image": f"{base}/held.png"}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write(f"POST /generate-based-workflow?clientId={client_id}&wait=60 HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    await wait_for(lambda: "/held.png" in served, what="the fetch to begin")
+    writer.close()
+    assert bridge.service.get(client_id) is None  # nothing queued while its input is fetched
+    release.set()
+    info = await api.wait_status(client_id, "error")
+    assert info["detail"] == WAIT_GONE
