@@ -87,12 +87,18 @@ def _origins(raw: str) -> tuple[str, ...]:
     return tuple(part.strip().rstrip("/") for part in raw.split(",") if part.strip())
 
 
-def _host_patterns(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
-
-
 def _text(raw: str) -> str:
     return raw.strip()
+
+
+def _host_patterns(raw: str) -> tuple[str, ...]:
+    """Comma-separated host patterns (balancer/egress.py): `*.example.com`, `10.0.0.5`, `h:8443`."""
+    from balancer.egress import parse_patterns
+    patterns = parse_patterns(raw)
+    for pattern in patterns:
+        if "/" in pattern or " " in pattern:
+            raise ValueError(f"'{pattern}' is not a host pattern (a host, optionally :port; * and ? match)")
+    return patterns
 
 
 @dataclass(frozen=True)

@@ -216,3 +216,13 @@ async def test_a_client_leaving_while_its_input_is_fetched_cancels_the_job(allow
     release.set()
     info = await api.wait_status(client_id, "error")
     assert info["detail"] == WAIT_GONE
+
+
+def test_the_allowed_hosts_setting_is_checked_at_start():
+    from settings import SettingsError, load_settings
+    assert load_settings({"INPUT_URL_ALLOWED_HOSTS": " Images.Example.com, 10.0.0.5:8080 "}, env={},
+                         dotenv_path=None, check_paths=False).input_url_allowed_hosts == (
+        "images.example.com", "10.0.0.5:8080")
+    with pytest.raises(SettingsError, match="INPUT_URL_ALLOWED_HOSTS"):
+        load_settings({"INPUT_URL_ALLOWED_HOSTS": "https://images.example.com/"}, env={}, dotenv_path=None,
+                      check_paths=False)
