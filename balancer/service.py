@@ -2,10 +2,10 @@
 applied (state, queue, persistence, client messages).
 
 Handlers call `submit`, `wait_for_end`, `status_of`, `cancel`, `interrupt`, `history`,
-`results_sent`, `free` and `snapshot`. The scheduler (`scheduler.py`) decides where a queued job runs; a run
-(`run.py`) carries one prompt on one backend and ends with an outcome, applied here. A backend
-only ever receives a job when it has a free slot, so the bridge's queue is the only queue that
-matters and cancelling a queued job never touches a backend.
+`results_sent`, `free` and `snapshot`. The scheduler (`scheduler.py`) decides where a queued
+job runs; a run (`run.py`) carries one prompt on one backend and ends with an outcome, applied
+here. A backend only ever receives a job when it has a free slot, so the bridge's queue is the
+only queue that matters and cancelling a queued job never touches a backend.
 """
 from __future__ import annotations
 
