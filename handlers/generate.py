@@ -22,7 +22,9 @@ class GenerateHandler(JsonHandler):
             alias = body.pop("workflow", None)
             if not isinstance(alias, str) or not alias:
                 raise ApiError(400, "field 'workflow' is required: the alias of a workflow (see GET /workflow-list)")
-            position = await self.service.submit(client_id, alias, body)
+            # Options are top-level keys without a '/' (inputs always have one).
+            webhook = body.pop("webhook", None)
+            position = await self.service.submit(client_id, alias, body, webhook=webhook)
         except Exception as exc:
             self._tell_socket(client_id, exc)
             raise
