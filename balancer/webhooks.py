@@ -171,6 +171,15 @@ class WebhookSender:
 
     # ------------------------------------------------------------------ delivery
     async def _deliver(self, delivery: dict, recent: dict, saved) -> None:
+        try:
+            await self._deliver_until_done(delivery, recent, saved)
+        except asyncio.CancelledError:
+            raise  # shutting down: the delivery stays in the job database for the next start
+        except Exception:  # noqa: BLE001 - a bug here must not go unseen; the row is kept for a restart
+            log.exception("webhook %s for clientId %s: delivery failed", delivery.get("id"),
+                          delivery.get("client_id"))
+
+    async def _deliver_until_done(self, delivery: dict, recent: dict, saved) -> None:
         if saved is not None:
             await saved  # on disk before anyone hears of it
         if delivery["body"] is None:

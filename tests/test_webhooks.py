@@ -16,6 +16,7 @@ from balancer import webhooks
 from settings import SettingsError, load_settings
 from tests.conftest import ROOT, Api, new_client_id, png_bytes, wait_for
 from tests.test_durability import Process
+from tests.test_no_backend import Dead, closed_port
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 ALLOW_LOCAL = "127.0.0.1:*"  # how an operator allows a receiver on an internal address
@@ -161,6 +162,33 @@ async def test_cancelled_job_and_the_webhook_url_default(sim_factory, bridge_fac
     [output] = events[quick]["outputs"]  # WEBHOOK_INLINE_MAX=0: described, not inlined
     assert "data" not in output and output["size"] > 0
     api.close()
+
+
+async def test_failed_and_expired_jobs_post_their_error(sim_factory, bridge_factory, receiver):
+    hook = receiver()
+    bridge = await webhook_bridge(sim_factory, bridge_factory)
+    api = bridge.api()
+    poison = await api.upload(png_bytes(seed=99))
+    bridge.sims[0].fail_prompts_containing = poison
+    client_id = new_client_id()
+    await api.generate(client_id, {"workflow": "invert", "1/image": poison, "webhook": hook.url})
+    info = await api.wait_status(client_id, "error")
+    await wait_for(lambda: hook.calls, 10, what="the webhook")
+    [event] = hook.delivered()
+    assert event["status"] == "error" and event["type"] == "job.error" and event["detail"] == info["detail"]
+    assert event["outputs"] == [] and event["timings"]["runSeconds"] is not None
+
+    idle = await bridge_factory([Dead(closed_port())], wait_up=False, queue_timeout=0.3,
+                                WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS=ALLOW_LOCAL)
+    idle_api = idle.api()
+    waiting = new_client_id()
+    await idle_api.generate(waiting, {"workflow": "blank-image", "webhook": hook.url})
+    await wait_for(lambda: len(hook.calls) >= 2, 10, what="the second webhook")
+    event = hook.delivered()[1]
+    assert event["clientId"] == waiting and event["status"] == "expired" and "gave up after" in event["detail"]
+    assert event["timings"]["runSeconds"] is None
+    api.close()
+    idle_api.close()
 
 
 async def test_refused_webhooks_are_400s_naming_the_field(sim_factory, bridge_factory):
