@@ -93,7 +93,8 @@ def _text(raw: str) -> str:
 
 def _host_patterns(raw: str) -> tuple[str, ...]:
     """Comma-separated host patterns (balancer/egress.py): `*.example.com`, `10.0.0.5`, `h:8443`."""
-    patterns = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+    from balancer.egress import parse_patterns
+    patterns = parse_patterns(raw)
     for pattern in patterns:
         if "/" in pattern or " " in pattern:
             raise ValueError(f"'{pattern}' is not a host pattern (a host, optionally :port; * and ? match)")
