@@ -286,3 +286,49 @@ async def test_delivery_survives_a_sigkill_of_the_bridge(tmp_path, receiver):
 async def _backend_up(api) -> bool:
     response = await api.fetch("/healthz")
     return response.code == 200 and b'"backends_up":1' in response.body
+
+
+async def test_the_delivery_is_committed_with_the_jobs_end(sim_factory, bridge_factory, receiver, monkeypatch):
+    """One transaction: a crash cannot keep the job's end and lose its delivery (or the reverse)."""
+    hook = receiver()
+    bridge = await webhook_bridge(sim_factory, bridge_factory)
+    store = bridge.bridge.store
+    commits = []  # (job states written, deliveries written) per commit
+    commit = store._commit
+
+    def spy(batch, count, deliveries=None):
+        commit(batch, count, deliveries)
+        commits.append(([r["state"] for r in batch.values() if r],
+                        {k: dict(v) if v else v for k, v in (deliveries or {}).items()}))
+    monkeypatch.setattr(store, "_commit", spy)
+    api = bridge.api()
+    saved = await api.upload(png_bytes())
+    await api.generate(new_client_id(), {"workflow": "invert", "1/image": saved, "webhook": hook.url})
+    await wait_for(lambda: hook.calls, 10, what="the webhook")
+    await settled(bridge)
+    [(states, deliveries)] = [c for c in commits if "done" in c[0]]
+    [delivery] = deliveries.values()
+    assert delivery["body"] is None and delivery["event"]["status"] == "done"
+    assert any(None in c[1].values() for c in commits)  # and deleted once delivered
+    api.close()
+
+
+async def test_a_clean_restart_carries_on_with_a_pending_delivery(sim_factory, bridge_factory, receiver, tmp_path):
+    hook = receiver(codes=[503] * 1000)
+    sim = await sim_factory()
+    settings = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": ALLOW_LOCAL, "DATA_DIR": tmp_path / "kept"}
+    first = await bridge_factory([sim], **settings)
+    api = first.api()
+    saved = await api.upload(png_bytes())
+    client_id = new_client_id()
+    await api.generate(client_id, {"workflow": "invert", "1/image": saved, "webhook": hook.url})
+    await wait_for(lambda: hook.calls, 10, what="a first (failed) attempt")
+    api.close()
+    await first.stop()
+    hook.codes = []
+    second = await bridge_factory([sim], **settings)
+    await wait_for(lambda: hook.delivered(), 10, what="the delivery after the restart")
+    await settled(second)
+    [event] = hook.delivered()
+    assert event["clientId"] == client_id and len({c["headers"]["Webhook-Id"] for c in hook.calls}) == 1
+    assert second.bridge.webhooks.counters["delivered"] == 1
