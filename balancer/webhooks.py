@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import ujson
-from tornado import httpclient
+from tornado import httpclient, simple_httpclient
 
 from . import egress
 from .errors import Refused
@@ -235,9 +235,12 @@ class WebhookSender:
         return f"HTTP {response.code}"
 
     def _http(self) -> httpclient.AsyncHTTPClient:
-        # Its own client (never tornado's shared one), so its queue and limits are the webhooks' own.
+        # Its own client (never tornado's shared one), so its queue and limits are the webhooks' own;
+        # it connects only to addresses egress allows at connection time (no DNS rebinding).
         if self._client is None:
-            self._client = httpclient.AsyncHTTPClient(force_instance=True, max_clients=20)
+            self._client = simple_httpclient.SimpleAsyncHTTPClient(
+                force_instance=True, max_clients=20,
+                resolver=egress.PublicResolver(allowed_hosts=self.settings.webhook_allowed_hosts))
         return self._client
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ from standardwebhooks import Webhook
 from tornado import httpserver, web
 from tornado.testing import bind_unused_port
 
-from balancer import webhooks
+from balancer import egress, webhooks
 from settings import SettingsError, load_settings
 from tests.conftest import ROOT, Api, new_client_id, png_bytes, wait_for
 from tests.test_durability import Process
@@ -332,3 +332,23 @@ async def test_a_clean_restart_carries_on_with_a_pending_delivery(sim_factory, b
     [event] = hook.delivered()
     assert event["clientId"] == client_id and len({c["headers"]["Webhook-Id"] for c in hook.calls}) == 1
     assert second.bridge.webhooks.counters["delivered"] == 1
+
+
+async def test_an_address_that_turns_internal_after_the_check_is_never_connected_to(
+        sim_factory, bridge_factory, receiver, monkeypatch):
+    """DNS rebinding: the URL passed its check, the connection still goes only to public addresses."""
+    monkeypatch.setattr(webhooks, "RETRY_FIRST", 0.05)
+    hook = receiver()
+    bridge = await webhook_bridge(sim_factory, bridge_factory, WEBHOOK_ALLOWED_HOSTS="", WEBHOOK_RETRY_FOR=0.2)
+
+    async def passes(url, field, allowed_hosts):  # what a rebinding name does at check time
+        return None
+    monkeypatch.setattr(egress, "check_url", passes)
+    api = bridge.api()
+    saved = await api.upload(png_bytes())
+    client_id = new_client_id()
+    await api.generate(client_id, {"workflow": "invert", "1/image": saved, "webhook": hook.url})
+    await api.wait_status(client_id, "closed")
+    counts = await settled(bridge)
+    assert counts["gave_up"] == 1 and counts["delivered"] == 0 and hook.calls == []
+    api.close()
