@@ -33,6 +33,7 @@ _WITH_PORT = re.compile(r"^(\[[^\]]*\]|[^:\[\]]*):([^:]+)$")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Not covered by "not global" on every Python version: the metadata services themselves.
 METADATA = (ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: the last 32 bits are an IPv4 host
 
 
 def parse_patterns(raw: str) -> tuple[str, ...]:
@@ -48,7 +49,8 @@ def internal_reason(address: str) -> str | None:
         return "not an IP address"
     if isinstance(ip, ipaddress.IPv6Address):
         # An IPv4 address inside IPv6 reaches the IPv4 host: judge that one.
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None) \
+            or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None)
         if embedded is not None:
             reason = internal_reason(str(embedded))
             if reason:

@@ -36,7 +36,7 @@ async def refused(url, field="webhook", allowed=()):
     "http://[::1]:8080/", "http://[::ffff:127.0.0.1]/", "http://[::ffff:7f00:1]/", "http://0.0.0.0/",
     "http://[::]/", "http://10.1.2.3/", "http://172.16.0.1/", "http://192.168.1.1/", "http://169.254.169.254/",
     "http://[fd00:ec2::254]/", "http://[fc00::1]/", "http://[fe80::1]/", "http://224.0.0.1/",
-    "http://240.0.0.1/", "http://100.64.0.1/", "http://[2002:7f00:1::]/", "https://255.255.255.255/",
+    "http://240.0.0.1/", "http://100.64.0.1/", "http://[2002:7f00:1::]/", "http://[64:ff9b::a00:1]/", "https://255.255.255.255/",
 ])
 async def test_internal_literals_are_refused(url):
     # Literals in odd notations reach the system resolver, which normalises them.
