@@ -152,7 +152,8 @@ class WebhookSender:
         # Bytes just downloaded are still in memory: taken now, before GET /history may remove the files.
         recent = {str(r.path): data for r in job.results if inline
                   and (data := self.results.recent(r.path)) is not None}
-        saved = self.store.save_delivery(delivery["id"], delivery)  # same commit as the job's end
+        # A copy: the writer thread serialises it while this one goes on changing the delivery.
+        saved = self.store.save_delivery(delivery["id"], dict(delivery))  # same commit as the job's end
         self._start(delivery, recent, saved)
 
     def restore(self, deliveries: list[dict]) -> None:
@@ -186,7 +187,7 @@ class WebhookSender:
             delivery["body"] = await asyncio.get_running_loop().run_in_executor(
                 None, build_body, delivery["event"], delivery["files"], recent)
             delivery["files"] = None
-            self.store.save_delivery(delivery["id"], delivery)  # the same body on every attempt
+            self.store.save_delivery(delivery["id"], dict(delivery))  # the same body on every attempt
         while True:
             result = await self._attempt(delivery)
             if result in ("delivered", "gone"):
@@ -199,7 +200,7 @@ class WebhookSender:
             self.counters["retried"] += 1
             log.info("webhook %s for clientId %s: attempt %d failed (%s); next in %.0f s", delivery["id"],
                      delivery["client_id"], delivery["attempts"], result, delay)
-            self.store.save_delivery(delivery["id"], delivery)
+            self.store.save_delivery(delivery["id"], dict(delivery))
             await asyncio.sleep(delay)
         self.counters[result] += 1
         level = logging.INFO if result == "delivered" else logging.WARNING
