@@ -34,6 +34,7 @@ from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
 from balancer.remote_inputs import RemoteInputs
 from balancer.service import JobService
+from balancer.webhooks import WebhookSender
 from settings import (Settings, SettingsError, add_arguments, load_settings, overrides_from_args,
                       setting_source)
 from storage.catalog import WorkflowCatalog
@@ -65,11 +66,14 @@ class Bridge:
         self._stored_jobs, stored_count = self.store.open()
         if stored_count is not None:
             self.state.set_count(stored_count)
+        self.webhooks = WebhookSender(settings, self.store, self.results, lambda: self.state.generation_count)
         self.service = JobService(settings, self.catalog, self.uploads, self.results, self.state, self.hub,
-                                  self.store)
-        self.metrics = BridgeMetrics(self.service, self.hub, self.state)
+                                  self.store, webhooks=self.webhooks)
+        self.metrics = BridgeMetrics(self.service, self.hub, self.state, webhooks=self.webhooks)
         self.remote_inputs = RemoteInputs(self.catalog, self.uploads, settings.input_url_allowed_hosts,
                                           settings.upload_max_bytes, settings.upload_max_size)
+        # Last: a job's delivery is queued after the log and metrics saw its end (same commit).
+        self.service.observers.append(self.webhooks.on_job_event)
         self.refusals = RefusalLog()
         self.app = web.Application(
             handlers.all_routes(str(static_dir())),
@@ -94,6 +98,7 @@ class Bridge:
         self.service.start()
         self.service.restore(self._stored_jobs)
         self._stored_jobs = []
+        self.webhooks.restore(self.store.deliveries())
         self.state.write_if_changed()
         self.hub.start()
         self.metrics.start()
@@ -139,6 +144,7 @@ class Bridge:
             self.server.stop()
         await self.service.close()
         self.remote_inputs.close()
+        await self.webhooks.close()
         await self.store.close()
         await self.state.flush()
         if self.server is not None:

@@ -101,6 +101,22 @@ def _host_patterns(raw: str) -> tuple[str, ...]:
     return patterns
 
 
+def _webhook_url(raw: str) -> str:
+    from urllib.parse import urlsplit
+    url = raw.strip()
+    if url and (urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).hostname):
+        raise ValueError("must be an http:// or https:// URL")
+    return url
+
+
+def _webhook_secret(raw: str) -> str:
+    from balancer.webhooks import secret_key
+    secret = raw.strip()
+    if secret:
+        secret_key(secret)  # ValueError says what is wrong
+    return secret
+
+
 @dataclass(frozen=True)
 class Option:
     key: str
@@ -150,6 +166,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("INPUT_URL_ALLOWED_HOSTS", "", _host_patterns,
            "comma-separated host patterns (fnmatch; host:port to match the port) file inputs given by "
            "URL may be fetched from; empty: any public host, never loopback, private, link-local or metadata"),
+    Option("WEBHOOK_SECRET", "", _webhook_secret,
+           "Standard Webhooks secret (whsec_ + base64) signing every webhook; webhooks are off without it"),
+    Option("WEBHOOK_URL", "", _webhook_url,
+           "URL every job's end is posted to when its generate names no 'webhook' (empty = none)"),
+    Option("WEBHOOK_ALLOWED_HOSTS", "", _host_patterns,
+           "comma-separated host patterns webhooks may go to (*.example.com, 10.0.0.5, h:8443); "
+           "empty = any public host, internal addresses refused"),
+    Option("WEBHOOK_INLINE_MAX", "10", _non_negative_int,
+           "outputs totalling at most this many MB travel base64-encoded in the done event (0 = never)"),
+    Option("WEBHOOK_RETRY_FOR", "3600", _positive_float,
+           "seconds a webhook delivery is retried (exponential backoff) before it is given up"),
+    Option("WEBHOOK_TIMEOUT", "10", _positive_float, "seconds one webhook attempt may take"),
 )
 
 
@@ -180,10 +208,20 @@ class Settings:
     bridge_api_key: str = field(repr=False)
     cors_origins: tuple[str, ...]
     input_url_allowed_hosts: tuple[str, ...]
+    webhook_secret: str = field(repr=False)
+    webhook_url: str
+    webhook_allowed_hosts: tuple[str, ...]
+    webhook_inline_max: int
+    webhook_retry_for: float
+    webhook_timeout: float
 
     @property
     def upload_max_bytes(self) -> int:
         return self.upload_max_size * 1024 * 1024
+
+    @property
+    def webhook_inline_max_bytes(self) -> int:
+        return self.webhook_inline_max * 1024 * 1024
 
     @property
     def uploads_dir(self) -> Path:
@@ -226,6 +264,8 @@ def load_settings(
             raise SettingsError(f"{opt.key}: {raw[opt.key]!r} is invalid ({reason})") from None
     if not values["comfyui_servers"]:
         raise SettingsError("COMFYUI_SERVERS: '' is invalid (list at least one host:port)")
+    if values["webhook_url"] and not values["webhook_secret"]:
+        raise SettingsError("WEBHOOK_URL: set WEBHOOK_SECRET too (webhooks are signed)")
     if not str(raw["CURRENT_STATE"]).strip():
         values["current_state"] = values["data_dir"] / "current_state.json"
     settings = Settings(**values)
@@ -264,7 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--key-name` flag per option; values given there override the environment."""
     for opt in OPTIONS:
         default = opt.default or "(empty)"
-        if opt.key == "BRIDGE_API_KEY":
+        if opt.key in ("BRIDGE_API_KEY", "WEBHOOK_SECRET"):
             default = "(none)"
         parser.add_argument(
             "--" + opt.key.lower().replace("_", "-"), dest=opt.key, metavar=opt.key,

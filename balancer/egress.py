@@ -10,6 +10,10 @@ resolution and for IP literals in any notation (`2130706433`, `0x7f.1`, `::ffff:
 
 Redirects: `check_redirect` re-checks a `Location` before it is followed. Webhook deliveries
 never follow redirects at all (a 3xx is a failed attempt).
+
+DNS rebinding (a name that resolves to a public address for the check, then to an internal one
+for the connection): a tornado client given `PublicResolver` connects only to addresses that
+pass the same test at connection time.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import re
 import socket
 from urllib.parse import urljoin, urlsplit
 
+from tornado.netutil import Resolver
+
 from balancer.errors import Refused
 
 RESOLVE_TIMEOUT = 5.0
@@ -27,6 +33,7 @@ _WITH_PORT = re.compile(r"^(\[[^\]]*\]|[^:\[\]]*):([^:]+)$")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Not covered by "not global" on every Python version: the metadata services themselves.
 METADATA = (ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: the last 32 bits are an IPv4 host
 
 
 def parse_patterns(raw: str) -> tuple[str, ...]:
@@ -42,7 +49,8 @@ def internal_reason(address: str) -> str | None:
         return "not an IP address"
     if isinstance(ip, ipaddress.IPv6Address):
         # An IPv4 address inside IPv6 reaches the IPv4 host: judge that one.
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None) \
+            or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None)
         if embedded is not None:
             reason = internal_reason(str(embedded))
             if reason:
@@ -121,3 +129,22 @@ async def check_redirect(url: str, location: str, field: str, allowed_hosts: tup
     target = urljoin(url, location)
     await check_url(target, field, allowed_hosts)
     return target
+
+
+class PublicResolver(Resolver):
+    """A tornado resolver (`SimpleAsyncHTTPClient(resolver=...)`) that returns only addresses
+    `check_url` would accept: with no allow list, internal ones are never connected to."""
+
+    def initialize(self, allowed_hosts: tuple[str, ...] = ()) -> None:  # type: ignore[override]
+        self.allowed_hosts = allowed_hosts
+
+    async def resolve(self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC):
+        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            host, port, family=family, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT)
+        found = [(fam, address) for fam, _, _, _, address in infos]
+        if not self.allowed_hosts:  # an allow list was checked on the URL: its hosts may be internal
+            for _, address in found:
+                reason = internal_reason(address[0])
+                if reason:
+                    raise OSError(f"host '{host}' is refused ({address[0]} is {reason})")
+        return found

@@ -44,6 +44,7 @@ class Job:
     files: dict[str, Path]          # graph node/input key -> local file to put on the backend
     class_types: frozenset[str]
     allowed_backends: tuple[str, ...] | None = None
+    webhook: str | None = None      # where the job's end is posted (balancer/webhooks.py)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
@@ -85,7 +86,7 @@ class Job:
             "oom_retried": self.oom_retried, "percent": self.percent,
             "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size}
                         for r in self.results],
-            "error": self.error, "finished_at": self.finished_at,
+            "error": self.error, "finished_at": self.finished_at, "webhook": self.webhook,
         }
 
     @classmethod
@@ -102,7 +103,7 @@ class Job:
             percent=record.get("percent", 0.0),
             results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"])
                      for r in record.get("results", ())],
-            error=record.get("error", ""), finished_at=record.get("finished_at"))
+            error=record.get("error", ""), finished_at=record.get("finished_at"), webhook=record.get("webhook"))
 
     def status(self, queue_position: int | None = None, waiting_for: str | None = None) -> dict:
         """The job's state in the words of the websocket and /execution-info; a queued job

@@ -34,7 +34,7 @@ _CANCEL_MEMORY = 10_000
 class BridgeMetrics:
     """The bridge's series; `on_job_event` is registered as a `JobService` observer."""
 
-    def __init__(self, service, hub, state, registry: CollectorRegistry | None = None):
+    def __init__(self, service, hub, state, registry: CollectorRegistry | None = None, webhooks=None):
         self.service = service
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -75,6 +75,8 @@ class BridgeMetrics:
             "ran: the time everything else on the event loop made it wait.", buckets=LAG_BUCKETS, registry=r)
         self.lag_probe = LoopLagProbe(self.loop_lag.observe)
         r.register(_StateCollector(service, hub, state))
+        if webhooks is not None:
+            r.register(_WebhookCollector(webhooks))
         self._cancelled: set[str] = set()  # job ids whose "failed" event follows their "cancelled"
         service.observers.append(self.on_job_event)
 
@@ -174,6 +176,24 @@ class LoopLagProbe:
         now = loop.time()
         self.observe(max(0.0, now - self._due))  # asyncio may run a timer up to its clock resolution early
         self._schedule(loop, now)
+
+
+class _WebhookCollector(Collector):
+    """Webhook deliveries, read at scrape time from the sender's own counts."""
+
+    def __init__(self, webhooks):
+        self.webhooks = webhooks
+
+    def collect(self):
+        outcomes = CounterMetricFamily(
+            "bridge_webhook_deliveries", "Webhook delivery attempts by outcome: delivered (2xx), retried "
+            "(failed, another attempt follows), gave_up (WEBHOOK_RETRY_FOR ran out), gone (410).",
+            labels=["outcome"])
+        for outcome, count in sorted(self.webhooks.counters.items()):
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+        yield GaugeMetricFamily("bridge_webhook_pending", "Webhook deliveries not yet ended.",
+                                value=len(self.webhooks.pending))
 
 
 class _StateCollector(Collector):

@@ -11,25 +11,22 @@ with a connect and a total timeout; nothing on the loop waits for the network.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import logging
 import re
-import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from tornado import httputil
 from tornado.httpclient import HTTPRequest
 from tornado.iostream import StreamBufferFullError
-from tornado.netutil import DefaultLoopResolver, Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from storage.catalog import CatalogError
 from storage.filetypes import ACCEPTED_LABELS, SNIFF_BYTES, detect_kind
-from .egress import RESOLVE_TIMEOUT, check_redirect, check_url, internal_reason
+from .egress import PublicResolver, check_redirect, check_url
 from .errors import Refused
 
 log = logging.getLogger("bridge.inputs")
@@ -60,7 +57,7 @@ class RemoteInputs:
         # body crossing ours reaches `_Body.write`, which can say why the fetch ended.
         self.http = SimpleAsyncHTTPClient(force_instance=True, max_clients=MAX_CLIENTS,
                                           max_body_size=max_bytes + SLACK, max_buffer_size=max_bytes + SLACK,
-                                          resolver=None if allowed_hosts else PublicResolver())
+                                          resolver=PublicResolver(allowed_hosts=allowed_hosts))
 
     def close(self) -> None:
         self.http.close()
@@ -144,22 +141,6 @@ class RemoteInputs:
             finally:
                 body.discard()
         raise Refused(f"{field}: more than {MAX_REDIRECTS} redirects")
-
-
-class PublicResolver(Resolver):
-    """The fetch's own name resolution, keeping public addresses only: a name that resolved to a
-    public address for `check_url` cannot resolve to an internal one for the connection that
-    follows (DNS rebinding). Used when no allow list is set."""
-
-    def initialize(self) -> None:
-        self._inner = DefaultLoopResolver()
-
-    async def resolve(self, host: str, port: int, family=socket.AF_UNSPEC):
-        found = await asyncio.wait_for(self._inner.resolve(host, port, family), RESOLVE_TIMEOUT)
-        public = [(fam, address) for fam, address in found if internal_reason(address[0]) is None]
-        if not public:
-            raise OSError(f"host '{host}' resolves to refused addresses only")
-        return public
 
 
 class _Body:

@@ -43,12 +43,13 @@ class SchedulingCost:
 
 
 class JobService:
-    def __init__(self, settings, catalog, uploads, results, state, hub: StatusHub, store):
+    def __init__(self, settings, catalog, uploads, results, state, hub: StatusHub, store, webhooks=None):
         self.settings = settings
         self.results = results          # storage.results.ResultStore
         self.state = state              # storage.state.StateFile: the generation count
         self.hub = hub
         self.store = store              # storage.jobstore.JobStore: every job change is written there
+        self.webhooks = webhooks        # balancer.webhooks.WebhookSender (checks the `webhook` option)
         self.intake = JobIntake(catalog, uploads, settings.workflow_dir)
         self.scheduler = Scheduler(settings.max_inflight_per_server)
         self.jobs: dict[str, Job] = {}
@@ -106,8 +107,13 @@ class JobService:
         return task
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, client_id: str, alias: str, values: dict) -> int:
-        """Queue a job; returns its place in the queue once the job is on disk."""
+    async def submit(self, client_id: str, alias: str, values: dict, webhook=None) -> int:
+        """Queue a job; returns its place in the queue once the job is on disk. `webhook`: a URL
+        the job's end is posted to (else WEBHOOK_URL, if set)."""
+        if webhook is not None:  # first: it may await DNS, and what follows must not be stale
+            if self.webhooks is None:
+                raise Refused("webhook: this bridge sends no webhooks")
+            webhook = await self.webhooks.check(webhook)
         current = self.jobs.get(client_id)
         if current is not None and current.active:
             raise Refused(f"clientId '{client_id}' already has a job {current.state.value}; "
@@ -116,6 +122,7 @@ class JobService:
             raise ResultsWaiting(client_id)
         self._check_room()
         job = self.intake.build(client_id, alias, values, self.backends)
+        job.webhook = webhook or self.settings.webhook_url or None
         if current is not None:
             self._forget(current)
         self.jobs[client_id] = job
@@ -157,7 +164,7 @@ class JobService:
             return
         for job in [j for j in self.queue if given_up(j, self.backends, now, limit)]:
             self.queue.remove(job)
-            self._fail(job, f"{self.waiting_for(job)}; gave up after {limit:g}s")
+            self._fail(job, f"{self.waiting_for(job)}; gave up after {limit:g}s", queue_timeout=True)
 
     def status_of(self, client_id: str) -> dict:
         """The client's job status; `connected` for a socket that has not generated yet."""
@@ -412,11 +419,11 @@ class JobService:
         self.hub.publish(job.client_id, job.status(), final=True)
         self._wake(job.id)
 
-    def _fail(self, job: Job, reason: str) -> None:
+    def _fail(self, job: Job, reason: str, **detail) -> None:
         job.state = JobState.ERROR
         job.error = reason
         job.finished_at = time.time()
-        self._transition(job, "failed", job.last_backend, reason=reason)
+        self._transition(job, "failed", job.last_backend, reason=reason, **detail)
         self.hub.publish(job.client_id, status_message("error", reason), final=True)
         self._wake(job.id)
 

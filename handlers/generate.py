@@ -54,9 +54,11 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
             alias = body.pop("workflow", None)
             if not isinstance(alias, str) or not alias:
                 raise ApiError(400, "field 'workflow' is required: the alias of a workflow (see GET /workflow-list)")
+            # Options are top-level keys without a '/' (inputs always have one).
+            webhook = body.pop("webhook", None)
             # File inputs by URL or inline become stored uploads first: the core sees uploads only.
             await self.application.settings["remote_inputs"].resolve(alias, body)
-            position = await self.service.submit(client_id, alias, body)
+            position = await self.service.submit(client_id, alias, body, webhook=webhook)
         except Exception as exc:
             self._tell_socket(client_id, exc)
             raise

@@ -11,7 +11,9 @@ With `synchronous=NORMAL` in WAL mode a commit survives the process being killed
 is in the OS cache); only a power loss can take the last commits.
 
 The generation count lives here too, written in the same transaction as the job that
-finished, so the two can never disagree.
+finished, so the two can never disagree. So do pending webhook deliveries (`save_delivery`):
+one queued while a job ends is committed with the job's final record, so a crash cannot keep
+the one and lose the other.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ log = logging.getLogger("bridge.jobstore")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (client_id TEXT PRIMARY KEY, record TEXT NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS webhooks (id TEXT PRIMARY KEY, delivery TEXT NOT NULL, updated REAL NOT NULL);
 """
 
 
@@ -39,6 +42,7 @@ class JobStore:
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, dict | None] = {}
         self._pending_count: int | None = None
+        self._pending_deliveries: dict[str, dict | None] = {}
         self._waiters: list[asyncio.Future] = []
         self._writer: asyncio.Task | None = None
 
@@ -82,12 +86,33 @@ class JobStore:
         row = self._db.execute("SELECT value FROM meta WHERE key='generation_count'").fetchone()
         return records, (int(row[0]) if row else None)
 
+    def deliveries(self) -> list[dict]:
+        """Pending webhook deliveries, oldest first (start-up, blocking, after `open`)."""
+        return self._thread.submit(self._read_deliveries).result()
+
+    def _read_deliveries(self) -> list[dict]:
+        found = []
+        for delivery_id, raw in self._db.execute("SELECT id, delivery FROM webhooks ORDER BY rowid"):
+            try:
+                found.append(ujson.loads(raw))
+            except ValueError:
+                log.error("unreadable webhook delivery %s skipped", delivery_id)
+        return found
+
     # ------------------------------------------------------------------ writes
     def save(self, client_id: str, record: dict | None, generation_count: int | None = None) -> asyncio.Future:
         """Upsert (or, with record None, delete) a job row; the future resolves once committed."""
         self._pending[client_id] = record
         if generation_count is not None:
             self._pending_count = generation_count
+        return self._wake()
+
+    def save_delivery(self, delivery_id: str, delivery: dict | None) -> asyncio.Future:
+        """Upsert (or, with None, delete) a pending webhook delivery; resolves once committed."""
+        self._pending_deliveries[delivery_id] = delivery
+        return self._wake()
+
+    def _wake(self) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         if self._writer is None or self._writer.done():
@@ -99,12 +124,13 @@ class JobStore:
         # One loop pass first: what the same pass changes (a job queued and at once dispatched,
         # with its prompt id) goes to disk in one commit instead of two in a row.
         await asyncio.sleep(0)
-        while self._pending or self._pending_count is not None:
+        while self._pending or self._pending_count is not None or self._pending_deliveries:
             batch, self._pending = self._pending, {}
             count, self._pending_count = self._pending_count, None
+            deliveries, self._pending_deliveries = self._pending_deliveries, {}
             waiters, self._waiters = self._waiters, []
             try:
-                await loop.run_in_executor(self._thread, self._commit, batch, count)
+                await loop.run_in_executor(self._thread, self._commit, batch, count, deliveries)
             except Exception as exc:  # a failed write must not lose the loop; say it loudly
                 log.error("job database write failed: %s", exc)
                 for waiter in waiters:
@@ -115,7 +141,8 @@ class JobStore:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def _commit(self, batch: dict[str, dict | None], count: int | None) -> None:
+    def _commit(self, batch: dict[str, dict | None], count: int | None,
+                deliveries: dict[str, dict | None] | None = None) -> None:
         db = self._db
         now = time.time()
         db.execute("BEGIN")
@@ -129,6 +156,12 @@ class JobStore:
             if count is not None:
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation_count', ?)",
                            (str(count),))
+            for delivery_id, delivery in (deliveries or {}).items():
+                if delivery is None:
+                    db.execute("DELETE FROM webhooks WHERE id=?", (delivery_id,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO webhooks (id, delivery, updated) VALUES (?,?,?)",
+                               (delivery_id, ujson.dumps(delivery, escape_forward_slashes=False), now))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

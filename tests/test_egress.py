@@ -36,7 +36,7 @@ async def refused(url, field="webhook", allowed=()):
     "http://[::1]:8080/", "http://[::ffff:127.0.0.1]/", "http://[::ffff:7f00:1]/", "http://0.0.0.0/",
     "http://[::]/", "http://10.1.2.3/", "http://172.16.0.1/", "http://192.168.1.1/", "http://169.254.169.254/",
     "http://[fd00:ec2::254]/", "http://[fc00::1]/", "http://[fe80::1]/", "http://224.0.0.1/",
-    "http://240.0.0.1/", "http://100.64.0.1/", "http://[2002:7f00:1::]/", "https://255.255.255.255/",
+    "http://240.0.0.1/", "http://100.64.0.1/", "http://[2002:7f00:1::]/", "http://[64:ff9b::a00:1]/", "https://255.255.255.255/",
 ])
 async def test_internal_literals_are_refused(url):
     # Literals in odd notations reach the system resolver, which normalises them.
@@ -102,3 +102,16 @@ async def test_resolution_has_a_timeout(monkeypatch):
     monkeypatch.setattr(egress, "RESOLVE_TIMEOUT", 0.05)
     with pytest.raises(Refused, match="cannot be resolved"):
         await egress.check_url("http://slow.example.com/", "webhook", ())
+
+
+async def test_public_resolver_never_returns_an_internal_address():
+    # What a client connects to is checked again at connection time: a name that resolved to a
+    # public address for check_url and now resolves to an internal one (DNS rebinding) fails.
+    with pytest.raises(OSError, match="localhost' is refused .*loopback"):
+        await egress.PublicResolver().resolve("localhost", 80)
+    with pytest.raises(OSError, match="is refused"):
+        await egress.PublicResolver().resolve("169.254.169.254", 80)
+    assert await egress.PublicResolver().resolve("93.184.215.14", 443) == [
+        (__import__("socket").AF_INET, ("93.184.215.14", 443))]
+    # With an allow list the hosts were matched on the URL; internal ones are then the operator's choice.
+    assert await egress.PublicResolver(allowed_hosts=("127.0.0.1:*",)).resolve("127.0.0.1", 8080)

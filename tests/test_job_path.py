@@ -91,10 +91,10 @@ async def test_prompt_id_is_on_disk_before_the_backend_hears_of_it_and_its_write
     release = threading.Event()
     commit = store._commit
 
-    def held(batch, count):
+    def held(batch, count, *rest):
         if any(record and record.get("prompt_id") for record in batch.values()):
             release.wait(TIMEOUT)
-        commit(batch, count)
+        commit(batch, count, *rest)
     monkeypatch.setattr(store, "_commit", held)
 
     def calls(path: str) -> int:
@@ -123,8 +123,8 @@ async def test_a_job_queued_and_dispatched_at_once_costs_one_commit_before_its_p
     commits = []   # (prompts the backend had been sent, states written) per commit
     commit = store._commit
 
-    def spy(batch, count):
-        commit(batch, count)
+    def spy(batch, count, *rest):
+        commit(batch, count, *rest)
         prompts = sum(1 for method, uri, _ in sim.requests_log if method == "POST" and uri.endswith("/prompt"))
         commits.append((prompts, [(r["state"], bool(r["prompt_id"])) for r in batch.values() if r]))
     monkeypatch.setattr(store, "_commit", spy)
@@ -141,8 +141,8 @@ async def test_the_prompt_ids_commit_does_not_wait_for_the_upload(api, sim, brid
     committed = []
     commit = store._commit
 
-    def spy(batch, count):
-        commit(batch, count)
+    def spy(batch, count, *rest):
+        commit(batch, count, *rest)
         committed.extend(r["prompt_id"] for r in batch.values() if r and r.get("prompt_id"))
     monkeypatch.setattr(store, "_commit", spy)
     saved = await api.upload(png_bytes(seed=6))
