@@ -183,7 +183,7 @@ async def test_the_fetch_itself_connects_to_public_addresses_only(api, files, mo
     monkeypatch.setattr("balancer.remote_inputs.check_url", fooled)
     base, _, served, _ = files
     code, detail = await run_waiting(api, f"{base}/image.png")
-    assert code == 400 and "cannot fetch from host '127.0.0.1'" in detail and "refused addresses" in detail, detail
+    assert code == 400 and "cannot fetch from host '127.0.0.1'" in detail and "is refused (127.0.0.1 is a loopback address)" in detail, detail
     assert served == []
 
 
