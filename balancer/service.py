@@ -114,13 +114,7 @@ class JobService:
             if self.webhooks is None:
                 raise Refused("webhook: this bridge sends no webhooks")
             webhook = await self.webhooks.check(webhook)
-        current = self.jobs.get(client_id)
-        if current is not None and current.active:
-            raise Refused(f"clientId '{client_id}' already has a job {current.state.value}; "
-                          "wait for it to end or interrupt it")
-        if current is not None and current.state is JobState.DONE:
-            raise ResultsWaiting(client_id)
-        self._check_room()
+        current = self.check_can_submit(client_id)
         job = self.intake.build(client_id, alias, values, self.backends)
         job.webhook = webhook or self.settings.webhook_url or None
         if current is not None:
@@ -135,6 +129,19 @@ class JobService:
             self.hub.publish(client_id, job.status(position, waiting))
         await saved
         return position
+
+    def check_can_submit(self, client_id: str) -> Job | None:
+        """What `submit` refuses before it looks at the request's values (a clientId with a job
+        still going or results waiting, a full queue); the clientId's current job otherwise.
+        Also called before work a refusal would waste (fetching inputs given by URL)."""
+        current = self.jobs.get(client_id)
+        if current is not None and current.active:
+            raise Refused(f"clientId '{client_id}' already has a job {current.state.value}; "
+                          "wait for it to end or interrupt it")
+        if current is not None and current.state is JobState.DONE:
+            raise ResultsWaiting(client_id)
+        self._check_room()
+        return current
 
     def refuse_if_full(self, client_id: str) -> None:
         """Busy when `submit` would answer so, before the request's body is read: the queue is

@@ -57,6 +57,8 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
             # Options are top-level keys without a '/' (inputs always have one).
             webhook = body.pop("webhook", None)
             # File inputs by URL or inline become stored uploads first: the core sees uploads only.
+            # A refusal that does not depend on them comes before the fetches it would waste.
+            self.service.check_can_submit(client_id)
             await self.application.settings["remote_inputs"].resolve(alias, body)
             position = await self.service.submit(client_id, alias, body, webhook=webhook)
         except Exception as exc:

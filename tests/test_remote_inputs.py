@@ -226,3 +226,15 @@ def test_the_allowed_hosts_setting_is_checked_at_start():
     with pytest.raises(SettingsError, match="INPUT_URL_ALLOWED_HOSTS"):
         load_settings({"INPUT_URL_ALLOWED_HOSTS": "https://images.example.com/"}, env={}, dotenv_path=None,
                       check_paths=False)
+
+
+async def test_a_busy_client_id_is_refused_before_its_url_input_is_fetched(allowed, files):
+    _, api = allowed
+    base, _, served, _ = files
+    saved = await api.upload(png_bytes())
+    busy = new_client_id()
+    await api.generate(busy, {"workflow": "slow-progress", "1/image": saved, "2/steps": 30})
+    answer = await api.generate(busy, {"workflow": "invert", "1/image": f"{base}/image.png"}, expect=400)
+    assert "already has a job" in str(answer)
+    assert served == []   # the refusal did not wait for, nor cost, a fetch
+    await api.json(f"/interrupt?clientId={busy}", "POST")
