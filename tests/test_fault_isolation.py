@@ -339,49 +339,49 @@ async def test_no_health_probe_while_the_backends_calls_are_answered(monkeypatch
     backend.http.close()
 
 
-async def test_a_result_the_bridge_cannot_store_fails_that_job_and_frees_the_slot(
-        sim_factory, bridge_factory, monkeypatch):
-    """The bridge's own disk full: the job ends in error naming it (not `running` for good),
-    and the backend goes on with the next job."""
+def _disk_full(monkeypatch):
+    """A result the bridge's disk cannot store."""
     import errno
 
     from balancer.comfy import files
-    sim = await sim_factory()
-    bridge = await bridge_factory([sim], MAX_INFLIGHT_PER_SERVER=1)
-    api = bridge.api()
     real_store = files._DownloadSink.store
-    full = {"on": True}
 
     def store(sink):
-        if full["on"]:
+        if getattr(store, "on", True):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_store(sink)
     monkeypatch.setattr(files._DownloadSink, "store", store)
-    [failed] = await run_inverts(api, 1)
-    info = await api.wait_status(failed, "error", "closed")
-    assert info["status"] == "error" and "could not store the results: No space left on device" in info["detail"]
-    full["on"] = False
-    await finish(api, await run_inverts(api, 1))
-    assert not bridge.service.backends[0].in_flight
+    return store
 
 
-async def test_an_unexpected_fault_in_a_run_ends_the_job_and_frees_the_slot(
-        sim_factory, bridge_factory, monkeypatch):
+def _bug_in_a_run(monkeypatch):
+    """Any other fault of the bridge's own, inside a run."""
     from balancer import run as run_module
-    sim = await sim_factory()
-    bridge = await bridge_factory([sim], MAX_INFLIGHT_PER_SERVER=1)
-    api = bridge.api()
     real_collect = run_module.PromptRun._collect
-    broken = {"on": True}
 
     async def collect(self):
-        if broken["on"]:
+        if getattr(collect, "on", True):
             raise RuntimeError("a bug")
         return await real_collect(self)
     monkeypatch.setattr(run_module.PromptRun, "_collect", collect)
+    return collect
+
+
+@pytest.mark.parametrize("fault, detail", [
+    (_disk_full, "could not store the results: No space left on device"),
+    (_bug_in_a_run, "the bridge failed while running the job (RuntimeError)"),
+])
+async def test_a_fault_on_the_bridges_side_fails_that_job_and_frees_the_slot(
+        sim_factory, bridge_factory, monkeypatch, fault, detail):
+    """The job ends in error naming the cause (not `running` for good), and the backend goes on
+    with the next job."""
+    sim = await sim_factory()
+    bridge = await bridge_factory([sim], MAX_INFLIGHT_PER_SERVER=1)
+    api = bridge.api()
+    patched = fault(monkeypatch)
     [failed] = await run_inverts(api, 1)
     info = await api.wait_status(failed, "error", "closed")
-    assert info["status"] == "error" and "the bridge failed while running the job (RuntimeError)" in info["detail"]
-    broken["on"] = False
+    assert info["status"] == "error" and detail in info["detail"], info
+    patched.on = False
     await finish(api, await run_inverts(api, 1))
     assert not bridge.service.backends[0].in_flight
