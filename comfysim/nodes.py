@@ -5,6 +5,12 @@ MASK is a list of "L" images. Each node declares its `/object_info` entry by nam
 (the entries in object_info.json are copied from a real ComfyUI 0.3.64), and
 implements `run(ctx, **inputs) -> (outputs tuple, ui dict or None)`.
 
+Models have no weights: a MODEL, CLIP, VAE, CONTROL_NET or UPSCALE_MODEL is a `Weights`
+naming the files it is made of, CONDITIONING is (clip, text), a LATENT a `Latent`. Loader
+nodes (`ModelLoader`) offer the simulator's fake model folders and pay their loads through
+the GPU memory (models.py). KSampler spends `steps` ticks; VAEDecode draws a picture that
+depends only on the size, the seed and what was sampled (model files, texts, settings).
+
 Pillow work goes through `ctx.offload(...)` (a thread executor), never on the IOLoop.
 """
 from __future__ import annotations
@@ -13,6 +19,7 @@ import copy
 import json
 import os
 import random
+import re
 import string
 import time
 from dataclasses import dataclass
@@ -396,6 +403,30 @@ class UpscaleModelLoader(ModelLoader):
         return (Weights("UPSCALE_MODEL", (f"upscale_models/{model_name}",)),)
 
 
+class ImageUpscaleWithModel(Node):
+    """Resizes by the factor the model's name states ("4x-UltraSharp", "RealESRGAN_x2plus"; else 4)."""
+
+    @staticmethod
+    def _upscale(images, factor):
+        return ImageBatch(i.resize((i.width * factor, i.height * factor), Image.Resampling.LANCZOS) for i in images)
+
+    async def run(self, ctx, upscale_model, image):
+        named = re.search(r"(?:^|[^0-9])([1-8])x|x([1-8])(?:[^0-9]|$)", upscale_model.files[0].rsplit("/", 1)[-1])
+        factor = int(named.group(1) or named.group(2)) if named else 4
+        return (await ctx.offload(self._upscale, image, factor),), None
+
+
+class ControlNetApplyAdvanced(Node):
+    """The conditioning goes on with the control noted in it (so it changes the sampled picture)."""
+
+    async def run(self, ctx, positive, negative, control_net, image, strength, start_percent, end_percent,
+                   vae=None):
+        if strength == 0:
+            return (positive, negative), None
+        note = f" [{control_net.files[0]} {strength} {start_percent}-{end_percent} {image!r}]"
+        return ((positive[0], positive[1] + note), (negative[0], negative[1] + note)), None
+
+
 class CLIPTextEncode(Node):
     async def run(self, ctx, text, clip):
         return ((clip, text),), None   # CONDITIONING: the encoder and the text
@@ -444,7 +475,8 @@ NODE_CLASSES: dict[str, type[Node]] = {
                 PreviewImage, SaveImageWebsocket, GetImageSize, SimSlowProgress,
                 CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly, VAELoader, UNETLoader,
                 CLIPLoader, DualCLIPLoader, ControlNetLoader, UpscaleModelLoader,
-                CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode)
+                CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode, ImageUpscaleWithModel,
+                ControlNetApplyAdvanced)
 }
 
 
