@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from comfysim import SimulatedComfy, nodes
+from comfysim import nodes
 from comfysim.files import Folders
 from comfysim.models import DEFAULT_MODEL_FILES
 from comfysim.testing import WSClient, fetch, wait_until
@@ -301,7 +301,7 @@ async def test_text_to_image_through_the_bridge(sim_factory, bridge_factory):
     lora = await api.json("/workflow-info?workflow=lora-image")
     assert lora["10/lora_name"]["choices"] == sorted(DEFAULT_MODEL_FILES["loras"])
     refused = await api.generate(new_client_id(), {"workflow": "text-to-image", "4/ckpt_name": "nope"}, expect=400)
-    assert "4/ckpt_name" in refused["detail"]
+    assert refused["detail"].startswith("input '4/ckpt_name': 'nope' is not one of its choices")
     client_id = new_client_id()
     await api.generate(client_id, {"workflow": "text-to-image", "4/ckpt_name": CKPT_B, "3/steps": 2,
                                    "5/width": 64, "5/height": 32, "6/text": "a lighthouse"})
