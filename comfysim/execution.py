@@ -168,28 +168,6 @@ class NodeContext:
     async def offload(self, fn, *args):
         return await self.run.executor.offload(fn, *args)
 
-    def _loader_files(self, node_id: str) -> list[str]:
-        node = self.prompt[node_id]
-        return NODE_CLASSES[node["class_type"]].model_files(node["inputs"])
-
-    def _forget_cold_loaders(self) -> None:
-        """Warm = on the GPU: a cached loader whose files were evicted or unloaded runs again
-        (and pays its load), instead of handing on a model the GPU no longer holds."""
-        gpu = self.executor.gpu
-        for node_id in self.prompt:
-            if self._cached(node_id) and not all(gpu.is_warm(f) for f in self._loader_files(node_id)):
-                sig = self.signatures[node_id]
-                self.executor.outputs.pop(sig, None)
-                self.executor.ui.pop(sig, None)
-
-    def _touch_cached_loaders(self, running) -> None:
-        """Cached loaders read by the nodes this prompt runs use their files: most recent now."""
-        for node_id in running:
-            for value in self.prompt[node_id]["inputs"].values():
-                if is_link(value) and value[0] in self.prompt and self._cached(value[0]):
-                    for file in self._loader_files(value[0]):
-                        self.executor.gpu.touch(file)
-
     def prompt_with_hashes(self) -> dict:
         return self.run.prompt_with_hashes()
 
