@@ -4,6 +4,9 @@ With --count N, one process runs N servers (NAME-0 .. NAME-N-1), each on its own
 own queue, history and folders, sharing one event loop: a farm of hundreds of backends on a
 small machine (bench/scale.py). Ports are PORT, PORT+1, ... (or free ones with --port 0);
 --ports-file gets their addresses (a JSON list) once every one of them listens.
+
+Each server has fake model files for its loader nodes and a GPU that holds the last
+--models-kept files it loaded; a loader whose file is not held waits --model-load-seconds.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--ports-file", default=None, metavar="FILE",
                    help="once all listen, write their addresses here (JSON list), atomically")
     p.add_argument("--name", default="sim")
-    p.add_argument("--tick-seconds", type=float, default=0.05, help="duration of one SimSlowProgress tick")
+    p.add_argument("--tick-seconds", type=float, default=0.05, help="duration of one SimSlowProgress tick or KSampler step")
     p.add_argument("--speed", type=float, default=1.0, help="divides tick durations")
     p.add_argument("--startup-delay", type=float, default=0.0, help="seconds before the port accepts connections")
     p.add_argument("--data-dir", default=None,
