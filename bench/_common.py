@@ -43,7 +43,9 @@ BRIDGE_ENV_KEYS = (
     "HOST", "PORT", "COMFYUI_SERVERS", "LOGGING_LEVEL", "WORKFLOW_DIR", "WORKFLOW_ALIAS", "DATA_DIR",
     "CURRENT_STATE", "UPLOAD_MAX_SIZE", "EXECUTION_TIMEOUT", "HEARTBEAT_INTERVAL", "RESULT_TTL",
     "UPLOAD_TTL", "MAX_INFLIGHT_PER_SERVER", "MAX_RETRIES", "MAX_QUEUE", "FREE_AFTER_N_GENERATIONS",
-    "BACKEND_TIMEOUT", "HEALTH_CHECK_INTERVAL", "BRIDGE_API_KEY", "CORS_ORIGINS")
+    "BACKEND_TIMEOUT", "HEALTH_CHECK_INTERVAL", "BRIDGE_API_KEY", "BRIDGE_API_KEYS", "TENANT_MAX_RUNNING",
+    "TENANT_MAX_QUEUED", "CORS_ORIGINS")
+BRIDGE_ENV_KEYS += ("MODELS_KEPT_PER_SERVER",)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -54,6 +56,10 @@ def parser(description: str, runs: int) -> argparse.ArgumentParser:
     p.add_argument("--root", default=str(REPO),
                    help="checkout whose bridge.py and comfysim are measured (default: this one); "
                         "point it at a scratch copy to measure a proposed change")
+    p.add_argument("--sim-root", default=None,
+                   help="checkout whose comfysim and workflows/ make the workload (default: --root); "
+                        "to measure an older bridge on today's simulator, e.g. --root /work/wt-old "
+                        "--sim-root .")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra bridge setting, e.g. --set MAX_INFLIGHT_PER_SERVER=2 (repeatable)")
     p.add_argument("--profile", metavar="FILE",
@@ -152,7 +158,7 @@ class Sim(Proc):
     """`python -m comfysim` on a port of its own; `timeline` (if asked) is written when it stops."""
 
     def __init__(self, root: Path, workdir: Path, name: str, tick_seconds: float = 0.05,
-                 timeline: bool = False):
+                 timeline: bool = False, options: dict | None = None):
         self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
         self.timeline_path = workdir / f"{name}.timeline.json" if timeline else None
@@ -161,6 +167,8 @@ class Sim(Proc):
                 "--log-level", "WARNING"]
         if self.timeline_path is not None:
             argv += ["--timeline", str(self.timeline_path)]
+        for key, value in (options or {}).items():   # e.g. {"models_kept": 1, "model_load_seconds": 0.4}
+            argv += ["--" + key.replace("_", "-"), str(value)]
         super().__init__(name, argv, root, workdir / f"{name}.log")
         self.tick_seconds = tick_seconds
 
@@ -178,15 +186,20 @@ class BridgeProc(Proc):
     starts it and records until it exits (py-spy cannot attach to a running process here)."""
 
     def __init__(self, root: Path, workdir: Path, sims: list[Sim], settings: dict[str, str] | None = None,
-                 profile: Path | None = None):
+                 profile: Path | None = None, workflows: Path | None = None):
         self.port = free_port()
         self.base = f"http://{LOOPBACK}:{self.port}"
         self.backends = len(sims)
-        self.settings = {"LOGGING_LEVEL": "INFO", **(settings or {})}
+        wanted = {"LOGGING_LEVEL": "INFO", **(settings or {})}
+        known = bridge_setting_keys(root)
+        # An older bridge refuses options it does not have: they are left out, and said so.
+        self.settings = {k: v for k, v in wanted.items() if known is None or k in known}
+        self.dropped = sorted(set(wanted) - set(self.settings))
+        workflows = workflows or root / "workflows"
         argv = [PYTHON, "bridge.py", "--env-file", str(workdir / "no.env"), "--host", LOOPBACK,
                 "--port", str(self.port), "--comfyui-servers", ",".join(s.address for s in sims),
                 "--data-dir", str(workdir / "bridge-data"),
-                "--workflow-dir", str(root / "workflows"), "--workflow-alias", str(root / "workflows" / "aliases.json")]
+                "--workflow-dir", str(workflows), "--workflow-alias", str(workflows / "aliases.json")]
         for key, value in self.settings.items():
             argv += ["--" + key.lower().replace("_", "-"), str(value)]
         env = {k: v for k, v in os.environ.items() if k not in BRIDGE_ENV_KEYS}
@@ -234,6 +247,41 @@ class BridgeProc(Proc):
             except (ProcessLookupError, RuntimeError, subprocess.TimeoutExpired):
                 pass
         return super().stop(timeout)
+
+
+def bridge_setting_keys(root: Path) -> set[str] | None:
+    """The settings a checkout's bridge declares (settings.py's `Option("KEY", ...)`), or None."""
+    try:
+        return set(re.findall(r'Option\(\s*"([A-Z0-9_]+)"', (root / "settings.py").read_text()))
+    except OSError:
+        return None
+
+
+def bridge_default(root: Path, key: str) -> str | None:
+    """The default a checkout's settings.py gives `key` (`Option("KEY", "default", ...)`), or None."""
+    try:
+        found = re.search(r'Option\(\s*"%s",\s*"([^"]*)"' % re.escape(key), (root / "settings.py").read_text())
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def settings_note(args, keys=("MAX_INFLIGHT_PER_SERVER", "MODELS_KEPT_PER_SERVER")) -> str:
+    """The scheduling settings the measured bridge ran with: --set values, else its defaults."""
+    root = Path(args.root).resolve()
+    given = extra_settings(args)
+    parts = []
+    for key in keys:
+        if key in given:
+            parts.append(f"{key}={given[key]}")
+        elif (default := bridge_default(root, key)) is not None:
+            parts.append(f"{key}={default} (its default)")
+    return "bridge settings: " + (", ".join(parts) or "defaults")
+
+
+def load_average() -> str:
+    """`uptime`'s three load averages (1, 5, 15 min), for the notes: the machine is shared."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def wait_http(url: str, deadline: float, proc: Proc, ready=None) -> None:
@@ -321,8 +369,10 @@ class Stack:
 
     def __init__(self, args, label: str):
         self.root = Path(args.root).resolve()
+        self.sim_root = Path(args.sim_root or args.root).resolve()
         self.keep = args.keep_logs
         self.quiet_before = wait_quiet()
+        self.load_before = load_average()
         self.calibration_ms = calibrate()
         self.dir = Path(tempfile.mkdtemp(prefix=f"bench-{label}-"))
         (self.dir / "no.env").write_text("")
@@ -341,8 +391,8 @@ class Stack:
             total += sum(getattr(proc, "jiffies", {}).values())
         return total
 
-    def sim(self, name: str, tick_seconds: float = 0.05, timeline: bool = False) -> Sim:
-        sim = Sim(self.root, self.dir, name, tick_seconds, timeline)
+    def sim(self, name: str, tick_seconds: float = 0.05, timeline: bool = False, **options) -> Sim:
+        sim = Sim(self.sim_root, self.dir, name, tick_seconds, timeline, options)
         self.sims.append(sim)
         return sim
 
@@ -354,8 +404,10 @@ class Stack:
     def start_bridge(self, settings: dict | None = None, profile: Path | None = None) -> BridgeProc:
         for sim in self.sims:
             sim.wait_ready()
-        self.bridge = BridgeProc(self.root, self.dir, self.sims, settings, profile)
+        self.bridge = BridgeProc(self.root, self.dir, self.sims, settings, profile, self.sim_root / "workflows")
         self.bridge.wait_ready()
+        if self.bridge.dropped:
+            DROPPED.update(self.bridge.dropped)
         return self.bridge
 
     def stop(self) -> None:
@@ -366,6 +418,7 @@ class Stack:
             cores = os.cpu_count() or 1
             self.foreign_cores = max(0.0, cores * (busy1 - busy0 - own) / max(1, total1 - total0))
             FOREIGN.append(self.foreign_cores)
+            LOADS.append(f"{self.load_before} -> {load_average()}")
         for proc in self.others:
             proc.stop()
         if self.bridge is not None:
@@ -387,6 +440,8 @@ class Stack:
 
 
 FOREIGN: list[float] = []    # foreign load of every Stack of this process, in cores
+LOADS: list[str] = []        # load averages at the start and end of every Stack
+DROPPED: set[str] = set()    # settings asked for that the measured bridge does not have
 ACCEPTED: list[float] = []   # the same, of the runs whose figures were kept
 DISCARDED: list[float] = []
 MAX_FOREIGN = 0.3            # cores; a run with more foreign load is repeated
@@ -594,6 +649,8 @@ def report(title: str, args, rows: list[dict], notes: list[str] = (), extra: dic
     print(f"machine: nproc={info['nproc']}, cpu={info['cpu']}, {info['memory_gb']} GB, python {info['python']}, "
           f"tornado {info['tornado']}, linux {info['kernel']}")
     print(f"code:    {code_version(Path(args.root))}")
+    if getattr(args, "sim_root", None):
+        print(f"simulators and workflows: {code_version(Path(args.sim_root))}")
     if args.set:
         print(f"bridge settings: {' '.join(args.set)}")
     print(f"command: {command_line()}")
@@ -602,6 +659,10 @@ def report(title: str, args, rows: list[dict], notes: list[str] = (), extra: dic
         met = {True: "MET ", False: "MISS", None: "    "}[r.get("met")]
         print(f"  {met} {r['figure']:<{width}}  {r['value']}   [goal {r['goal']}]")
     notes = [*notes, foreign_note()]
+    if LOADS:
+        notes.append("load averages (uptime: 1, 5, 15 min) at the start -> end of each run: " + "; ".join(LOADS))
+    if DROPPED:
+        notes.append(f"settings left out because this bridge does not have them: {', '.join(sorted(DROPPED))}")
     if CALIBRATIONS:
         notes.append(f"machine speed: a fixed Python workload took {median(CALIBRATIONS):.1f} ms (min "
                      f"{min(CALIBRATIONS):.1f}, max {max(CALIBRATIONS):.1f}) at the start of the runs; "
