@@ -266,12 +266,17 @@ def bridge_default(root: Path, key: str) -> str | None:
     return found.group(1) if found else None
 
 
-def settings_note(args, keys=("MAX_INFLIGHT_PER_SERVER", "MODELS_KEPT_PER_SERVER")) -> str:
-    """The scheduling settings the measured bridge ran with: --set values, else its defaults."""
+def settings_note(args, settings: dict | None = None,
+                  keys=("MAX_INFLIGHT_PER_SERVER", "MODELS_KEPT_PER_SERVER")) -> str:
+    """The scheduling settings the measured bridge ran with: the script's and --set values (if
+    that bridge has them), else its defaults."""
     root = Path(args.root).resolve()
-    given = extra_settings(args)
+    given = {**(settings or {}), **extra_settings(args)}
+    known = bridge_setting_keys(root)
     parts = []
     for key in keys:
+        if known is not None and key not in known:
+            continue
         if key in given:
             parts.append(f"{key}={given[key]}")
         elif (default := bridge_default(root, key)) is not None:

@@ -48,8 +48,10 @@ def discrete_optimum(times: list[float], jobs: int) -> float:
     return float("inf")
 
 
-async def run_jobs(port: int, names: list[str], steps: int, run: int) -> tuple[float, list[float]]:
-    ids = [f"mk{run}-{i}-{random.getrandbits(32):x}" for i in range(len(names))]
+async def run_jobs(port: int, bodies: list[dict], run: int, prefix: str = "mk") -> tuple[float, float]:
+    """Open one websocket per job, queue every job at once (8 connections), wait for every `closed`.
+    Returns (first generate request -> last `closed`, in seconds; wall-clock time once all were queued)."""
+    ids = [f"{prefix}{run}-{i}-{random.getrandbits(32):x}" for i in range(len(bodies))]
     sockets = [await websocket.websocket_connect(f"ws://{c.LOOPBACK}:{port}/ws?clientId={cid}") for cid in ids]
     for ws in sockets:
         await ws.read_message()  # "connected"
@@ -75,7 +77,7 @@ async def run_jobs(port: int, names: list[str], steps: int, run: int) -> tuple[f
     async def submit(conn) -> None:
         while pending:
             i = pending.pop(0)
-            body = json.dumps({"workflow": "slow-progress", "1/image": names[i], "2/steps": steps}).encode()
+            body = json.dumps(bodies[i]).encode()
             status, _, answer = await conn.request("POST", f"/generate-based-workflow?clientId={ids[i]}", body,
                                                    {"Content-Type": "application/json"})
             assert status == 200, (status, answer)
@@ -96,7 +98,8 @@ def one_run(args, run: int, profile: Path | None) -> dict:
         sims = [stack.sim(f"sim-{i}-tick{tick:g}", tick_seconds=tick, timeline=True) for i, tick in enumerate(args.ticks)]
         bridge = stack.start_bridge(c.extra_settings(args), profile)
         names = asyncio.run(upload_all(bridge.port, args.jobs))
-        makespan, queued_at = asyncio.run(run_jobs(bridge.port, names, args.steps, run))
+        bodies = [{"workflow": "slow-progress", "1/image": name, "2/steps": args.steps} for name in names]
+        makespan, queued_at = asyncio.run(run_jobs(bridge.port, bodies, run))
         bridge.stop()
         timelines = []
         for sim in sims:
