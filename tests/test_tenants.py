@@ -39,8 +39,8 @@ async def test_a_tenant_with_few_jobs_is_not_stuck_behind_a_flood(sim_factory, b
     order = dispatch_order(running.service)
     saved_a, saved_b = await a.upload(png_bytes(seed=1)), await b.upload(png_bytes(seed=2))
     flood = [new_client_id() for _ in range(8)]
-    for i, client_id in enumerate(flood):
-        await a.generate(client_id, slow_job(saved_a, 20 + i))
+    for i, client_id in enumerate(flood):   # the first runs (1 s) while the others queue
+        await a.generate(client_id, slow_job(saved_a, 100 if i == 0 else 20 + i))
     few = [new_client_id() for _ in range(2)]
     answers = [await b.generate(client_id, slow_job(saved_b, 40 + i)) for i, client_id in enumerate(few)]
     # a's first job runs; b's first is next in line, its second after one more of a's.
