@@ -129,7 +129,12 @@ class JobService:
         self.jobs[client_id] = job
         self.queue.append(job)
         position = self.queue.position(job)
-        saved = self._transition(job, "queued", queue=position)
+        facts = {"queue": position}
+        if tenant != DEFAULT_TENANT:  # whose job and its priority, in its log line, when not the defaults
+            facts["tenant"] = tenant
+        if priority:
+            facts["priority"] = priority
+        saved = self._transition(job, "queued", **facts)
         self._schedule_pump()
         waiting = self.waiting_for(job)
         if waiting is not None:  # its socket (if open) learns why nothing happens

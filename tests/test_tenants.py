@@ -4,11 +4,14 @@ limit (429), a clientId that belongs to its tenant, the counts per tenant in /st
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 
 import pytest
 import ujson
 from tornado import httpclient, websocket
 
+from logs import SecretFilter
 from tests.conftest import TIMEOUT, new_client_id, png_bytes, wait_for
 
 KEYS = {"a": "key-of-tenant-a", "b": "key-of-tenant-b"}
@@ -235,3 +238,30 @@ async def test_a_wrong_key_is_refused_and_the_single_key_is_the_tenant_default(s
     await wait_for(lambda: running.service.get(client_id).ended, TIMEOUT, what="the job to end")
     old.close()
     wrong.close()
+
+
+async def test_the_job_log_says_whose_job_it_is(sim_factory, bridge_factory, caplog):
+    caplog.set_level(logging.INFO)
+    sim, running = await tenant_bridge(sim_factory, bridge_factory)
+    a = running.api(KEYS["a"])
+    client_id = new_client_id()
+    await a.generate(client_id, {"workflow": "blank-image", "1/width": 8, "priority": 3})
+    await a.wait_status(client_id, "closed")
+    queued = [r.getMessage() for r in caplog.records if r.getMessage().startswith("job queued")]
+    assert len(queued) == 1 and "tenant=a" in queued[0] and "priority=3" in queued[0]
+    assert not any(key in r.getMessage() for r in caplog.records for key in KEYS.values())
+    a.close()
+
+
+def test_every_key_is_scrubbed_from_the_log_handler():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(SecretFilter(["short", "short-and-longer", *KEYS.values()]))
+    logger = logging.getLogger("tests.tenant-keys")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("keys: %s %s %s", KEYS["a"], KEYS["b"], "short-and-longer")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue().strip() == "keys: *** *** ***"
