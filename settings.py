@@ -181,13 +181,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("CURRENT_STATE", "", Path,
            "state file with the generation count (default DATA_DIR/current_state.json)"),
     Option("UPLOAD_MAX_SIZE", "100", _positive_int, "largest upload request, in MB"),
-    Option("EXECUTION_TIMEOUT", "300", _positive_float, "seconds a job may run on a backend"),
+    Option("EXECUTION_TIMEOUT", "300", _positive_float, "seconds a job may run on a backend, from its prompt's execution_start"),
     Option("HEARTBEAT_INTERVAL", "1", _positive_float,
            "seconds of websocket silence before a 'listening' message"),
     Option("RESULT_TTL", "3600", _positive_float, "seconds results wait for GET /history"),
     Option("UPLOAD_TTL", "86400", _positive_float,
            "seconds an upload no active job uses is kept"),
-    Option("MAX_INFLIGHT_PER_SERVER", "1", _positive_int, "jobs sent to one backend at a time"),
+    Option("MAX_INFLIGHT_PER_SERVER", "2", _positive_int,
+           "prompts sent to one backend at a time: one runs, the others wait in its queue (1: no pipelining)"),
+    Option("MODELS_KEPT_PER_SERVER", "2", _positive_int,
+           "model files a backend is taken to keep loaded (the last ones its jobs used)"),
     Option("MAX_RETRIES", "2", _non_negative_int,
            "times a job is requeued after its backend was lost"),
     Option("MAX_QUEUE", "1000", _positive_int, "jobs the bridge's queue holds before 503"),
@@ -248,6 +251,7 @@ class Settings:
     result_ttl: float
     upload_ttl: float
     max_inflight_per_server: int
+    models_kept_per_server: int
     max_retries: int
     max_queue: int
     queue_timeout: float

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .affinity import models_of
 from .progress import format_percent
 
 DONE_DETAIL = "Execution is done"
@@ -66,10 +67,16 @@ class Job:
     refused_by: dict[str, str] = field(default_factory=dict)  # backend address -> its 5xx answer
     percent: float = 0.0
     executing: bool = False         # the backend has started it (not only received it)
+    started_at: float | None = None  # time.monotonic() of its prompt's execution_start
+    predicted_warm: bool = True     # its models were expected loaded where it was sent
     results: list = field(default_factory=list)   # storage.results.ResultFile
     error: str = ""
     stop_reason: StopReason | None = None
     task: asyncio.Task | None = None
+    models: frozenset[str] = field(init=False)   # model files its prompt loads (affinity.py)
+
+    def __post_init__(self):
+        self.models = models_of(self.graph)
 
     @property
     def active(self) -> bool:

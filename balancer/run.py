@@ -62,8 +62,11 @@ class PromptRun:
         self.backend = backend
         self.events = events
         self.results = results          # storage.results.ResultStore
-        self.deadline = deadline        # time.monotonic() by which the prompt must have ended
+        # time.monotonic() by which the prompt must have ended: given for the time it may wait in
+        # the backend's queue, then EXECUTION_TIMEOUT from its execution_start.
+        self.deadline = deadline
         self.execution_timeout = execution_timeout
+        self._deadline_moved: asyncio.Future | None = None
         self.prompt_id: str | None = job.prompt_id
         self.tracker: ProgressTracker | None = None
         self.watch = PromptWatch(self._on_event)
@@ -187,9 +190,13 @@ class PromptRun:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 return "timeout", {}
-            done, _ = await asyncio.wait({self.watch.outcome}, timeout=min(remaining, HISTORY_POLL_INTERVAL))
-            if done:
+            self._deadline_moved = asyncio.get_running_loop().create_future()
+            done, _ = await asyncio.wait({self.watch.outcome, self._deadline_moved},
+                                         timeout=min(remaining, HISTORY_POLL_INTERVAL))
+            if self.watch.outcome in done:
                 return self.watch.outcome.result()
+            if done:
+                continue  # it started: the time left is counted from now
             try:
                 entry = await api.history_entry(self.backend, self.prompt_id)
             except BackendUnavailable:
@@ -254,6 +261,9 @@ class PromptRun:
 
     def _on_event(self, kind: str, data: dict) -> None:
         if kind == "execution_start":
+            self.deadline = time.monotonic() + self.execution_timeout
+            if self._deadline_moved is not None and not self._deadline_moved.done():
+                self._deadline_moved.set_result(None)
             self.events.started(self.job)
         if self.tracker is not None and self.tracker.on_event(kind, data):
             self.events.progressed(self.job, self.tracker.percent)

@@ -1,19 +1,28 @@
 """Which backend runs which queued job: a pure decision over plain objects.
 
-A backend here is anything with `address`, `up`, `load` (slots its jobs hold),
-`node_classes` (empty while unknown) and `mean_duration(alias)`; a job anything with
-`alias`, `class_types`, `allowed_backends` (None = any) and `refused_by` (addresses of
-backends that refused its prompt). Why a job waits also reads a backend's `state_since`
-(when it last went up or down) and `stats.last_error`. Nothing here waits, calls or
-changes a backend: the service dispatches what `plan` returns.
+A backend here is anything with `address`, `up`, `load` (prompts sent to it and not yet
+ended), `backlog(now)` (seconds of expected work ahead of its GPU), `gpu`
+(affinity.GpuBelief: its loaded models and run times) and `node_classes` (empty while
+unknown); a job anything with `alias`, `models` (files it loads), `class_types`,
+`allowed_backends` (None = any) and `refused_by` (addresses of backends that refused its
+prompt). Why a job waits also reads a backend's `state_since` (when it last went up or down)
+and `stats.last_error`. Nothing here waits, calls or changes a backend: the service dispatches
+what `plan` returns.
 
-Rule: among healthy backends with a free slot that may and can run the job, the one with
-the fewest running jobs, ties broken by the shortest recent duration of that workflow, then
-round robin, so no backend idles while a job waits.
+Rule: earliest expected completion. Each job, in the queue's order, goes where it would end
+first: the work already committed to that backend, plus the job's expected run time there,
+warm or cold (a cold one loads its models first). A backend holds up to `slots_per_backend`
+prompts: beyond the one running, they wait in ComfyUI's own queue, so its GPU never waits for
+the bridge between two jobs. When the best place is a full backend, the job stays queued for
+it, and counts in that backend's committed work for the jobs behind it, which then go where
+they end first. Ties: warm first, then fewer prompts, then round robin.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+from .affinity import Estimator
 
 
 def can_run(job, backend) -> bool:
@@ -51,6 +60,19 @@ def _constraints(job) -> tuple:
     return job.allowed_backends, job.class_types, tuple(job.refused_by) if job.refused_by else ()
 
 
+@dataclass(frozen=True)
+class Placement:
+    job: object
+    backend: object
+    expected: float     # seconds the job should run there once started
+    warm: bool          # its models should be loaded there when it starts
+
+
+# Jobs looked at beyond the free slots in one pass, waiting for a busy backend that would end
+# them sooner: enough to see past a few such jobs, bounded so a long queue costs nothing.
+LOOKAHEAD = 16
+
+
 class Scheduler:
     def __init__(self, slots_per_backend: int):
         self.slots_per_backend = slots_per_backend
@@ -60,54 +82,61 @@ class Scheduler:
         limit = self.slots_per_backend
         return sum(limit - b.load for b in backends if b.up and b.load < limit)
 
-    def pick(self, job, backends: Sequence):
-        """The best backend for the job now, or None when none can take it."""
-        chosen = self._choose(job, list(enumerate(backends)), len(backends), {})
-        return None if chosen is None else chosen[1]
+    def pick(self, job, backends: Sequence, now: float = 0.0):
+        """The backend the job would be sent to now, or None (full or unable)."""
+        placed = self.plan([job], backends, now)
+        return placed[0].backend if placed else None
 
-    def _choose(self, job, candidates: list, count: int, extra: dict):
-        """The best of `candidates` ((index in the full list, backend) pairs, `extra` slots
-        already promised per index) for the job; advances the round robin."""
+    def plan(self, queue: Iterable, backends: Sequence, now: float) -> list[Placement]:
+        """Placements for the queued jobs that should start now, in queue order (`now`: the
+        backends' clock, time.monotonic()).
+
+        Its cost does not grow with the queue: it returns at once when no backend has room, places
+        or keeps waiting no more than the free slots + LOOKAHEAD jobs, and once a job found no
+        backend with room that may run it, passes over the jobs alike in what they may run on
+        (`_constraints`). Each job it looks at is compared on every backend up, busy ones too."""
         limit = self.slots_per_backend
-        best, best_key = None, None
-        for index, backend in candidates:
-            load = backend.load + extra.get(index, 0)
-            if not backend.up or load >= limit or not can_run(job, backend):
-                continue
-            key = (load, backend.mean_duration(job.alias) or 0.0, (index - self._next) % count)
-            if best_key is None or key < best_key:
-                best, best_key = (index, backend), key
-        if best is None:
-            return None
-        self._next = (best[0] + 1) % count
-        return best
-
-    def plan(self, queue: Iterable, backends: Sequence) -> list[tuple[object, object]]:
-        """(job, backend) pairs for the queued jobs that can start now, in queue order.
-
-        Its cost does not grow with the number of backends busy or with the queue behind the
-        jobs placed: only backends with a free slot are considered, and once a job found none
-        that can take it, the jobs alike in what they may run on (`_constraints`) are passed over."""
-        limit = self.slots_per_backend
-        candidates = [(i, b) for i, b in enumerate(backends) if b.up and b.load < limit]
-        free = sum(limit - b.load for _, b in candidates)
+        up = [(i, b) for i, b in enumerate(backends) if b.up]
+        free = sum(limit - b.load for _, b in up if b.load < limit)
         if not free:
             return []  # the common case under load: one pass over the backends, none over the queue
-        extra: dict[int, int] = {}
-        placed = []
+        estimate = Estimator(list(backends))
+        ready = {i: now + b.backlog(now) for i, b in up}   # when each would have done what it has
+        load = {i: b.load for i, b in up}
+        planned: dict[int, set] = {}                       # models of the jobs placed here in this pass
+        count = len(backends)
+        placed: list[Placement] = []
         stuck: set[tuple] = set()
+        budget = free + LOOKAHEAD
         for job in queue:
             kind = _constraints(job)
             if kind in stuck:
                 continue
-            chosen = self._choose(job, candidates, len(backends), extra)
-            if chosen is None:
-                stuck.add(kind)  # loads only grow during a plan: none fits a job alike either
+            best, best_key, best_run, best_warm = None, None, 0.0, True
+            room = False
+            for index, backend in up:
+                if not can_run(job, backend):
+                    continue
+                room = room or load[index] < limit
+                coming = planned.get(index, ())
+                warm = all(backend.gpu.holds(m) or m in coming for m in job.models)
+                run = estimate.run_time(job.alias, backend, warm)
+                key = (ready[index] + run, not warm, load[index], (index - self._next) % count)
+                if best_key is None or key < best_key:
+                    best, best_key, best_run, best_warm = index, key, run, warm
+            if not room:
+                stuck.add(kind)  # none that may run it has room now: none has for a job alike either
                 continue
-            index, backend = chosen
-            placed.append((job, backend))
-            extra[index] = extra.get(index, 0) + 1
-            free -= 1
-            if not free:
+            budget -= 1
+            ready[best] = best_key[0]   # committed there, for the jobs behind it, placed or not
+            planned.setdefault(best, set()).update(job.models)
+            if load[best] < limit:
+                placed.append(Placement(job, backends[best], best_run, best_warm))
+                load[best] += 1
+                self._next = (best + 1) % count
+                free -= 1
+                if not free:
+                    break
+            if not budget:
                 break
         return placed

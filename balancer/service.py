@@ -26,7 +26,7 @@ from .queue import JobQueue
 from .jobs import CONNECTED_DETAIL, DEFAULT_TENANT, INTERRUPTED, Job, JobState, StopReason, status_message
 from .restore import plan_restore
 from .run import Ending, Outcome, PromptRun
-from .scheduler import Scheduler, can_run, given_up, waiting_reason
+from .scheduler import Placement, Scheduler, can_run, given_up, waiting_reason
 from .snapshot import service_snapshot
 
 log = logging.getLogger("bridge.jobs")
@@ -59,7 +59,7 @@ class JobService:
         self.queue = JobQueue(settings.tenant_max_running, self.running_of)
         self.backends = [
             Backend(address, request_timeout=settings.backend_timeout, health_interval=settings.health_check_interval,
-                    on_up=self._backend_up, on_down=self._backend_down)
+                    on_up=self._backend_up, on_down=self._backend_down, models_kept=settings.models_kept_per_server)
             for address in settings.comfyui_servers]
         self._pump_scheduled = False
         self.scheduling = SchedulingCost()
@@ -291,6 +291,7 @@ class JobService:
         await asyncio.gather(*(self._free(b) for b in targets))
 
     async def _free(self, backend: Backend) -> None:
+        backend.gpu.forget()  # whether or not it answers: a model we believe loaded may not be
         if await api.free_memory(backend):
             self.counters["free_sent"] += 1
 
@@ -311,30 +312,35 @@ class JobService:
         """Give every queued job that some backend can take now to the scheduler's choice."""
         self._pump_scheduled = False
         began = time.perf_counter()
-        placed = self.scheduler.plan(self.queue, self.backends)
+        placed = self.scheduler.plan(self.queue, self.backends, time.monotonic())
         planned = time.perf_counter()
-        for job, backend in placed:
-            self._dispatch(job, backend)
-        for job, _ in placed:
-            self.queue.remove(job)
+        for placement in placed:
+            self._dispatch(placement)
+        for placement in placed:
+            self.queue.remove(placement.job)
         cost = self.scheduling
         cost.runs += 1
         cost.placed += len(placed)
         cost.seconds += time.perf_counter() - began
         cost.plan_seconds += planned - began
 
-    def _dispatch(self, job: Job, backend: Backend) -> None:
+    def _dispatch(self, placement: Placement) -> None:
+        job, backend = placement.job, placement.backend
         job.state = JobState.RUNNING
         job.backend = job.last_backend = backend
         job.stop_reason = None
         job.attempts += 1
         job.dispatched_at = time.monotonic()
+        job.started_at, job.predicted_warm = None, placement.warm
         # Chosen here, so the record written for the dispatch carries it: one commit (often the
         # same as the job's `queued` one) puts it on disk before POST /prompt.
         job.prompt_id = str(uuid.uuid4())
-        backend.take_slot(job.id)
-        saved = self._transition(job, "dispatched", backend, waited=time.time() - job.created)
-        job.task = self._spawn(self._run(job, backend, chosen=saved))
+        backend.take_slot(job.id, placement.expected)
+        backend.gpu.loaded(job.models)  # by the time the next prompt there runs, they are
+        saved = self._transition(job, "dispatched", backend, waited=time.time() - job.created,
+                                 expected=round(placement.expected, 3), warm=placement.warm)
+        ahead = backend.load - 1   # prompts sent there before it, which it may wait behind
+        job.task = self._spawn(self._run(job, backend, chosen=saved, prompts_ahead=ahead))
 
     def _release(self, job: Job) -> None:
         if job.backend is not None:
@@ -343,14 +349,18 @@ class JobService:
         self._schedule_pump()
 
     def _backend_up(self, backend: Backend) -> None:
+        backend.gpu.forget()  # perhaps restarted: its GPU holds nothing we know of
         abandoned = backend.take_abandoned()
         if abandoned:  # their jobs moved elsewhere: they must not run (or be kept) here as well
             self._spawn(api.stop_and_forget(backend, sorted(abandoned)))
         self._schedule_pump()
 
     def _backend_down(self, backend: Backend) -> None:
-        """Its jobs go back to the front of the queue; their tasks stop where they are."""
-        for job in [j for j in self.jobs.values() if j.backend is backend and j.state is JobState.RUNNING]:
+        """Its jobs go back to the front of the queue, in the order they were sent (the one it ran
+        first, then the one waiting behind it); their tasks stop where they are."""
+        backend.gpu.forget()
+        lost = [j for j in self.jobs.values() if j.backend is backend and j.state is JobState.RUNNING]
+        for job in sorted(lost, key=lambda j: j.dispatched_at or 0.0, reverse=True):
             job.stop_reason = StopReason.BACKEND_LOST
             if job.task is not None and job.task is not asyncio.current_task():
                 job.task.cancel()
@@ -373,16 +383,19 @@ class JobService:
 
     def _requeue(self, job: Job, why: str) -> None:
         self._release(job)
-        job.prompt_id = None
+        job.prompt_id = job.started_at = None
         job.state, job.executing = JobState.QUEUED, False
         self.queue.push_front(job)
         self._transition(job, "requeued", reason=why)
         self._schedule_pump()
 
     # ------------------------------------------------------------------ runs and their outcomes
-    async def _run(self, job: Job, backend: Backend, resume: bool = False, chosen=None) -> None:
-        run = PromptRun(job, backend, self, self.results, execution_timeout=self.settings.execution_timeout,
-                        deadline=job.dispatched_at + self.settings.execution_timeout)
+    async def _run(self, job: Job, backend: Backend, resume: bool = False, chosen=None, prompts_ahead: int = 0) -> None:
+        # Until it starts, it may wait behind the prompts sent there before it, each of which
+        # has EXECUTION_TIMEOUT from its own start.
+        timeout = self.settings.execution_timeout
+        run = PromptRun(job, backend, self, self.results, execution_timeout=timeout,
+                        deadline=job.dispatched_at + timeout * (1 + prompts_ahead))
         try:
             outcome = await (run.resume(max(self.settings.backend_timeout, RESUME_WAIT)) if resume else run.start(chosen))
         except asyncio.CancelledError:
@@ -468,6 +481,10 @@ class JobService:
         return self.store.save(job.client_id, job.to_record())
 
     def started(self, job: Job) -> None:
+        if job.state is JobState.RUNNING and job.started_at is None:
+            job.started_at = time.monotonic()
+            if job.backend is not None:
+                job.backend.slot_started(job.id, job.started_at)
         if job.state is JobState.RUNNING and not job.executing:
             job.executing = True
             self.hub.publish(job.client_id, job.status())
@@ -479,8 +496,12 @@ class JobService:
             self.hub.publish(job.client_id, job.status())
 
     def executed(self, job: Job) -> None:
-        if job.backend is not None:
-            job.backend.release_slot(job.id)
+        """The prompt ended well: learn how long it ran, and hand its slot on."""
+        backend = job.backend
+        if backend is not None:
+            if job.started_at is not None:
+                backend.gpu.record(job.alias, job.predicted_warm, time.monotonic() - job.started_at)
+            backend.release_slot(job.id)
         self._schedule_pump()
 
     # ------------------------------------------------------------------ observation and upkeep

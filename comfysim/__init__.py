@@ -8,6 +8,21 @@ simulator-only SimSlowProgress (pass-through that reports `steps` progress ticks
 `tick_seconds`, and honours interrupts between ticks). It runs on the caller's IOLoop;
 image and file work goes to a thread pool.
 
+Text to image without weights: the loaders CheckpointLoaderSimple, LoraLoader,
+LoraLoaderModelOnly, VAELoader, UNETLoader, CLIPLoader, DualCLIPLoader, ControlNetLoader and
+UpscaleModelLoader (inputs, outputs and model folders as ComfyUI's), CLIPTextEncode,
+EmptyLatentImage, KSampler (`steps` ticks, one progress message per step, as SimSlowProgress),
+VAEDecode (a picture of the latent's size that depends only on the seed and what was sampled),
+ImageUpscaleWithModel (resizes by the factor in the model's name) and ControlNetApplyAdvanced.
+The model folders list fake files (`models.DEFAULT_MODEL_FILES`, or `model_files=`): object_info
+and GET /models/{folder} show them and validation refuses any other name (value_not_in_list).
+
+GPU memory (models.py): each server holds the last `models_kept` model files it loaded (LRU).
+A loader node whose file is not held waits `model_load_seconds` (not divided by speed) and
+counts a load; a held file costs nothing and becomes the most recent. A cached loader output
+is reused only while its files are held (else the loader runs again and pays); POST /free
+with unload_models (or free_memory, as ComfyUI reads them) empties the GPU; a crash does too.
+
 Usage::
 
     sim = SimulatedComfy(name="sim-a", tick_seconds=0.05, data_dir=None, profile="current")
@@ -15,7 +30,8 @@ Usage::
     ...
     await sim.stop()
 
-Standalone: ``python -m comfysim --port 8188 --name X --tick-seconds 0.05 --profile 0.3.64``.
+Standalone: ``python -m comfysim --port 8188 --name X --tick-seconds 0.05 --profile 0.3.64``
+(GPU memory: ``--models-kept 3 --model-load-seconds 0.5 --model-files models.json``).
 Many in one process (a farm for benchmarks): ``python -m comfysim --count 300 --port 0
 --ports-file ports.json`` runs servers X-0 .. X-299, each with its own port, queue and history.
 
@@ -65,7 +81,8 @@ Profiles (`profile=`, `sim.profile`; `legacy=True` is the old spelling of profil
 
 Constructor: name, tick_seconds, data_dir (None = a temp dir removed by stop()),
 startup_delay (seconds during which the port refuses connections after start()),
-speed (divides tick durations), max_upload_size, profile, legacy.
+speed (divides tick durations), max_upload_size, profile, legacy, models_kept (3),
+model_load_seconds (0.5), model_files ({folder: [names]}).
 
 Knobs for tests:
   await sim.crash()        die mid-job: stop listening, drop every websocket without a close
@@ -76,6 +93,8 @@ Knobs for tests:
   sim.fail_next_oom(n=1)   the next n prompts that execute a node fail at their first
                            non-cached node with execution_error torch.OutOfMemoryError.
   sim.tick_seconds, sim.speed   may be changed at run time.
+  sim.models_kept, sim.model_load_seconds, sim.model_files   too (lowering models_kept evicts
+                           at once); sim.loaded_models = the files held, least recently used first.
   sim.interrupt()          set the global interrupt flag (as POST /interrupt does).
 Fault knobs (details in SimulatedComfy's docstring; sim.clear_faults() switches them off):
   sim.fail_prompts_containing = "POISON"   POST /prompt bodies containing it -> 500, not queued.
@@ -93,8 +112,11 @@ Observations (kept across crash/restart):
   sim.requests_log         (method, uri incl. query, parsed JSON body or None) per HTTP request.
   sim.interrupt_calls      one entry per POST /interrupt: None = global, else the prompt_id sent.
   sim.prompt_times         (prompt_id, started, ended, success) per prompt the worker ran, time.time()
-                           seconds (float, unlike the protocol's millisecond timestamps); the
-                           standalone server writes them to `--timeline FILE` when it stops.
+                           seconds (float, unlike the protocol's millisecond timestamps), each with
+                           `.models_loaded` (the model files that run loaded, in order); the
+                           standalone server writes them to `--timeline FILE` when it stops
+                           (keys server, prompt_id, started, ended, success, models_loaded).
+  sim.model_loads          model files loaded so far (every server's own count).
   sim.queue_remaining, sim.websocket_count, sim.registered_client_ids.
 Saved PNGs carry a text chunk `comfysim` = name; /system_stats shows the name in
 `system.argv` (`--name NAME`) and in `devices[0].name`.

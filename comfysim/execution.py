@@ -174,6 +174,13 @@ class NodeContext:
     async def sleep_tick(self) -> None:
         await self.sim._sleep_tick()
 
+    async def load_models(self, files) -> None:
+        """A loader's files onto the GPU: the load time for each one it does not hold."""
+        for file in files:
+            if await self.run.executor.gpu.use(file):
+                self.run.models_loaded.append(file)
+                self.sim.model_loads += 1
+
     async def progress(self, value, total, preview_png: bytes | None = None) -> None:
         """ComfyUI's progress hook: interrupt check, progress_state, [type 4], progress, [type 1]."""
         self.run.check_interrupt()
@@ -194,10 +201,11 @@ class NodeContext:
 class Executor:
     """Holds the node-output caches across prompts; `execute()` runs one queue item."""
 
-    def __init__(self, sim, hub, folders):
-        self.sim, self.hub, self.folders = sim, hub, folders
+    def __init__(self, sim, hub, folders, gpu):
+        self.sim, self.hub, self.folders, self.gpu = sim, hub, folders, gpu
         self.outputs: dict[str, tuple] = {}   # signature -> node outputs
         self.ui: dict[str, dict] = {}         # signature -> {"meta", "output"}
+        self.last_models_loaded: tuple[str, ...] = ()   # files the last run loaded
 
     def reset(self) -> None:
         """POST /free {"free_memory": true}: forget every cached output."""
@@ -224,7 +232,10 @@ class Executor:
 
     async def execute(self, item: list):
         run = PromptRun(self, item)
-        await run.execute()
+        try:
+            await run.execute()
+        finally:
+            self.last_models_loaded = tuple(run.models_loaded)
         return run.success, run.messages, run.history_result()
 
 
@@ -244,6 +255,7 @@ class PromptRun:
         self.is_changed: dict[str, object] = {}
         self.success = True
         self.progress = ProgressState(self.hub, self.prompt_id)
+        self.models_loaded: list[str] = []   # model files this run loaded, in order
 
     # -- messages ---------------------------------------------------------------------------
     def add_message(self, event: str, data: dict, broadcast: bool) -> None:
@@ -296,6 +308,28 @@ class PromptRun:
     def _cached(self, node_id: str) -> bool:
         return self.signatures.get(node_id) in self.executor.outputs
 
+    def _loader_files(self, node_id: str) -> list[str]:
+        node = self.prompt[node_id]
+        return NODE_CLASSES[node["class_type"]].model_files(node["inputs"])
+
+    def _forget_cold_loaders(self) -> None:
+        """Warm = on the GPU: a cached loader whose files were evicted or unloaded runs again
+        (and pays its load), instead of handing on a model the GPU no longer holds."""
+        gpu = self.executor.gpu
+        for node_id in self.prompt:
+            if self._cached(node_id) and not all(gpu.is_warm(f) for f in self._loader_files(node_id)):
+                sig = self.signatures[node_id]
+                self.executor.outputs.pop(sig, None)
+                self.executor.ui.pop(sig, None)
+
+    def _touch_cached_loaders(self, running) -> None:
+        """Cached loaders read by the nodes this prompt runs use their files: most recent now."""
+        for node_id in running:
+            for value in self.prompt[node_id]["inputs"].values():
+                if is_link(value) and value[0] in self.prompt and self._cached(value[0]):
+                    for file in self._loader_files(value[0]):
+                        self.executor.gpu.touch(file)
+
     def prompt_with_hashes(self) -> dict:
         """The prompt as embedded in PNGs: LoadImage nodes carry their IS_CHANGED value."""
         out = {}
@@ -313,6 +347,7 @@ class PromptRun:
         self.add_message("execution_start", {"prompt_id": self.prompt_id}, broadcast=False)
         await self._compute_signatures()
         self.executor.prune(set(self.signatures.values()))
+        self._forget_cold_loaders()
         cached = [n for n in self.prompt if self._cached(n)]
         self.add_message("execution_cached", {"nodes": cached, "prompt_id": self.prompt_id}, broadcast=False)
 
@@ -320,6 +355,7 @@ class PromptRun:
         elist = ExecutionList(self.prompt, self._cached)
         for node_id in self.outputs_to_execute:
             elist.add_node(node_id)
+        self._touch_cached_loaders(elist.pending)
         while not elist.is_empty():
             node_id = elist.next_node()
             if node_id is None:

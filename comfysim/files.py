@@ -20,13 +20,18 @@ _IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", "
 
 
 class Folders:
-    """The three base directories of one simulated server."""
+    """The three base directories of one simulated server, and its (fake) model folders."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, model_files: dict[str, list[str]] | None = None):
         self.root = Path(root).resolve()
         self.input = str(self.root / "input")
         self.output = str(self.root / "output")
         self.temp = str(self.root / "temp")
+        # folder -> file names, as folder_paths.get_filename_list sees them (no files on disk)
+        self.model_files: dict[str, list[str]] = model_files or {}
+
+    def list_models(self, folder: str) -> list[str]:
+        return list(self.model_files.get(folder, ()))
 
     def create(self) -> None:
         for d in (self.input, self.output, self.temp):

@@ -365,7 +365,7 @@ class ModelsHandler(BaseHandler):
             return self.send_json(MODEL_FOLDERS)
         if folder not in MODEL_FOLDERS:
             return self.empty(404)
-        self.send_json([])  # the simulator has no model files
+        self.send_json(self.sim.folders.list_models(folder))  # the simulator's fake model files
 
 
 class EmbeddingsHandler(BaseHandler):

@@ -5,15 +5,24 @@ MASK is a list of "L" images. Each node declares its `/object_info` entry by nam
 (the entries in object_info.json are copied from a real ComfyUI 0.3.64), and
 implements `run(ctx, **inputs) -> (outputs tuple, ui dict or None)`.
 
+Models have no weights: a MODEL, CLIP, VAE, CONTROL_NET or UPSCALE_MODEL is a `Weights`
+naming the files it is made of, CONDITIONING is (clip, text), a LATENT a `Latent`. Loader
+nodes (`ModelLoader`) offer the simulator's fake model folders and pay their loads through
+the GPU memory (models.py). KSampler spends `steps` ticks; VAEDecode draws a picture that
+depends only on the size, the seed and what was sampled (model files, texts, settings).
+
 Pillow work goes through `ctx.offload(...)` (a thread executor), never on the IOLoop.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
+import re
 import string
 import time
+from dataclasses import dataclass
 from importlib import resources
 
 from PIL import Image, ImageFilter, ImageOps, ImageSequence, PngImagePlugin
@@ -42,9 +51,13 @@ class Node:
     VALIDATES: tuple[str, ...] = ()
     #: a hidden UNIQUE_ID input makes the node id part of the cache key
     UNIQUE_ID = False
+    #: loader nodes: input name -> the model folder its combo lists (see models.py)
+    MODEL_INPUTS: dict[str, str] = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
+        if cls.__name__ not in OBJECT_INFO:
+            return   # a shared base (ModelLoader), not a node
         cls.INFO = OBJECT_INFO[cls.__name__]
         cls.RETURN_TYPES = tuple(cls.INFO["output"])
         cls.OUTPUT_NODE = bool(cls.INFO["output_node"])
@@ -56,6 +69,12 @@ class Node:
     @classmethod
     def validate(cls, folders, **inputs):
         return True
+
+    @classmethod
+    def model_files(cls, inputs) -> list[str]:
+        """The model files ("folder/name") this node loads with these inputs."""
+        return [f"{folder}/{inputs[name]}" for name, folder in cls.MODEL_INPUTS.items()
+                if isinstance(inputs.get(name), str)]
 
     @classmethod
     def is_changed(cls, folders, inputs):
@@ -242,15 +261,228 @@ class SimSlowProgress(Node):
         return (image,), None
 
 
+@dataclass(frozen=True)
+class Weights:
+    """What a loader hands on (MODEL, CLIP, VAE, ...): which files it is made of."""
+    kind: str
+    files: tuple[str, ...]
+
+    def plus(self, file: str) -> "Weights":
+        return Weights(self.kind, (*self.files, file))
+
+    def __repr__(self) -> str:
+        return f"{self.kind}({' + '.join(self.files)})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Latent:
+    """ComfyUI's LATENT: a size, and (once sampled) what decides the picture."""
+    width: int
+    height: int
+    batch_size: int
+    seed: int | None = None
+    content: str = ""
+
+    def __repr__(self) -> str:
+        return f"LATENT[{self.batch_size}, 4, {self.height // 8}, {self.width // 8}]"
+
+    __str__ = __repr__
+
+
+class ModelLoader(Node):
+    """A loader: its combos list the model folders; running it loads the files the GPU does not hold."""
+
+    @classmethod
+    def input_types(cls, folders):
+        declared = copy.deepcopy(cls.INFO["input"])
+        for name, folder in cls.MODEL_INPUTS.items():
+            spec = declared["required"][name]
+            names = cls.extra_choices(folders.list_models(folder))
+            if spec[0] == "COMBO":   # the newer node schema: ["COMBO", {"options": [...]}]
+                spec[1]["options"] = names
+            else:
+                spec[0] = names
+        return declared
+
+    @staticmethod
+    def extra_choices(names: list[str]) -> list[str]:
+        return names
+
+    async def run(self, ctx, **inputs):
+        await ctx.load_models(self.model_files(inputs))
+        return self.outputs(**inputs), None
+
+    def outputs(self, **inputs) -> tuple:
+        raise NotImplementedError
+
+
+class CheckpointLoaderSimple(ModelLoader):
+    MODEL_INPUTS = {"ckpt_name": "checkpoints"}
+
+    def outputs(self, ckpt_name):
+        file = f"checkpoints/{ckpt_name}"
+        return Weights("MODEL", (file,)), Weights("CLIP", (file,)), Weights("VAE", (file,))
+
+
+class LoraLoader(ModelLoader):
+    MODEL_INPUTS = {"lora_name": "loras"}
+
+    @classmethod
+    def model_files(cls, inputs):
+        if inputs.get("strength_model") == 0 and inputs.get("strength_clip") == 0:
+            return []   # ComfyUI returns the inputs unchanged without opening the file
+        return super().model_files(inputs)
+
+    def outputs(self, model, clip, lora_name, strength_model, strength_clip):
+        if strength_model == 0 and strength_clip == 0:
+            return model, clip
+        file = f"loras/{lora_name}"
+        return model.plus(file), clip.plus(file)
+
+
+class LoraLoaderModelOnly(ModelLoader):
+    MODEL_INPUTS = {"lora_name": "loras"}
+
+    @classmethod
+    def model_files(cls, inputs):
+        return [] if inputs.get("strength_model") == 0 else super().model_files(inputs)
+
+    def outputs(self, model, lora_name, strength_model):
+        return (model if strength_model == 0 else model.plus(f"loras/{lora_name}"),)
+
+
+class VAELoader(ModelLoader):
+    MODEL_INPUTS = {"vae_name": "vae"}
+
+    @staticmethod
+    def extra_choices(names):
+        return [*names, "pixel_space"]   # ComfyUI's vae_list always ends with it
+
+    @classmethod
+    def model_files(cls, inputs):
+        return [] if inputs.get("vae_name") == "pixel_space" else super().model_files(inputs)
+
+    def outputs(self, vae_name):
+        return (Weights("VAE", (f"vae/{vae_name}",)),)
+
+
+class UNETLoader(ModelLoader):
+    MODEL_INPUTS = {"unet_name": "diffusion_models"}
+
+    def outputs(self, unet_name, weight_dtype):
+        return (Weights("MODEL", (f"diffusion_models/{unet_name}",)),)
+
+
+class CLIPLoader(ModelLoader):
+    MODEL_INPUTS = {"clip_name": "text_encoders"}
+
+    def outputs(self, clip_name, type, device="default"):
+        return (Weights("CLIP", (f"text_encoders/{clip_name}",)),)
+
+
+class DualCLIPLoader(ModelLoader):
+    MODEL_INPUTS = {"clip_name1": "text_encoders", "clip_name2": "text_encoders"}
+
+    def outputs(self, clip_name1, clip_name2, type, device="default"):
+        return (Weights("CLIP", (f"text_encoders/{clip_name1}", f"text_encoders/{clip_name2}")),)
+
+
+class ControlNetLoader(ModelLoader):
+    MODEL_INPUTS = {"control_net_name": "controlnet"}
+
+    def outputs(self, control_net_name):
+        return (Weights("CONTROL_NET", (f"controlnet/{control_net_name}",)),)
+
+
+class UpscaleModelLoader(ModelLoader):
+    MODEL_INPUTS = {"model_name": "upscale_models"}
+
+    def outputs(self, model_name):
+        return (Weights("UPSCALE_MODEL", (f"upscale_models/{model_name}",)),)
+
+
+class ImageUpscaleWithModel(Node):
+    """Resizes by the factor the model's name states ("4x-UltraSharp", "RealESRGAN_x2plus"; else 4)."""
+
+    @staticmethod
+    def _upscale(images, factor):
+        return ImageBatch(i.resize((i.width * factor, i.height * factor), Image.Resampling.LANCZOS) for i in images)
+
+    async def run(self, ctx, upscale_model, image):
+        named = re.search(r"(?:^|[^0-9])([1-8])x|x([1-8])(?:[^0-9]|$)", upscale_model.files[0].rsplit("/", 1)[-1])
+        factor = int(named.group(1) or named.group(2)) if named else 4
+        return (await ctx.offload(self._upscale, image, factor),), None
+
+
+class ControlNetApplyAdvanced(Node):
+    """The conditioning goes on with the control noted in it (so it changes the sampled picture)."""
+
+    async def run(self, ctx, positive, negative, control_net, image, strength, start_percent, end_percent,
+                   vae=None):
+        if strength == 0:
+            return (positive, negative), None
+        note = f" [{control_net.files[0]} {strength} {start_percent}-{end_percent} {image!r}]"
+        return ((positive[0], positive[1] + note), (negative[0], negative[1] + note)), None
+
+
+class CLIPTextEncode(Node):
+    async def run(self, ctx, text, clip):
+        return ((clip, text),), None   # CONDITIONING: the encoder and the text
+
+
+class EmptyLatentImage(Node):
+    async def run(self, ctx, width, height, batch_size=1):
+        return (Latent(width, height, batch_size),), None
+
+
+class KSampler(Node):
+    """`steps` progress ticks of tick_seconds / speed; the latent then names what decides the image."""
+
+    async def run(self, ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                  latent_image, denoise=1.0):
+        for step in range(1, steps + 1):
+            await ctx.sleep_tick()
+            await ctx.progress(step, steps)   # ComfyUI's sampler callback: value step+1 of steps
+        content = json.dumps([model.files, positive[1], negative[1], steps, cfg, sampler_name, scheduler, denoise])
+        return (Latent(latent_image.width, latent_image.height, latent_image.batch_size, seed, content),), None
+
+
+def _render(latent: Latent) -> ImageBatch:
+    """A picture that depends only on the latent: its size, seed and what was sampled."""
+    width, height = max(8, latent.width - latent.width % 8), max(8, latent.height - latent.height % 8)
+    out = ImageBatch()
+    for index in range(latent.batch_size):
+        if latent.seed is None:   # an unsampled latent decodes to flat grey
+            out.append(Image.new("RGB", (width, height), (128, 128, 128)))
+            continue
+        rnd = random.Random(f"{latent.seed + index}/{latent.content}")
+        dark, light = (tuple(rnd.randrange(256) for _ in range(3)) for _ in range(2))
+        shade = Image.linear_gradient("L").rotate(rnd.randrange(360)).resize((width, height))
+        out.append(ImageOps.colorize(shade, dark, light))
+    return out
+
+
+class VAEDecode(Node):
+    async def run(self, ctx, samples, vae):
+        return (await ctx.offload(_render, samples),), None
+
+
 NODE_CLASSES: dict[str, type[Node]] = {
     cls.__name__: cls
     for cls in (LoadImage, ImageInvert, EmptyImage, ImageScale, ImageBlur, SaveImage,
-                PreviewImage, SaveImageWebsocket, GetImageSize, SimSlowProgress)
+                PreviewImage, SaveImageWebsocket, GetImageSize, SimSlowProgress,
+                CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly, VAELoader, UNETLoader,
+                CLIPLoader, DualCLIPLoader, ControlNetLoader, UpscaleModelLoader,
+                CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode, ImageUpscaleWithModel,
+                ControlNetApplyAdvanced)
 }
 
 
 def object_info(folders, class_name: str | None = None) -> dict:
-    """GET /object_info[/Class] body: the stored entries, with LoadImage's file list filled in."""
+    """GET /object_info[/Class] body: the stored entries, with the file lists (input images,
+    model folders) filled in."""
     names = [class_name] if class_name else list(NODE_CLASSES)
     out = {}
     for name in names:
@@ -258,7 +490,6 @@ def object_info(folders, class_name: str | None = None) -> dict:
         if cls is None:
             continue
         entry = dict(cls.INFO)
-        if cls is LoadImage:
-            entry["input"] = cls.input_types(folders)
+        entry["input"] = cls.input_types(folders)
         out[name] = entry
     return out

@@ -13,6 +13,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import tornado.httpserver
 import tornado.netutil
@@ -21,6 +22,7 @@ import tornado.web
 from . import faults, protocol
 from .execution import Executor
 from .files import Folders
+from .models import DEFAULT_MODEL_FILES, GpuMemory, checked_model_files
 from .profiles import Profile, resolve
 from .routes import make_app
 from .state import Hub, PromptQueue
@@ -34,9 +36,27 @@ class Runtime:
     def __init__(self, sim: "SimulatedComfy"):
         self.hub = Hub(sim._gate, sim.spec, sim._drop_events)
         self.queue = PromptQueue(self.hub, sim.spec)
-        self.executor = Executor(sim, self.hub, sim.folders)
+        self.gpu = GpuMemory(sim)
+        self.executor = Executor(sim, self.hub, sim.folders, self.gpu)
         self.dead = asyncio.Event()   # set when this process "dies": releases hung requests
         self.tasks: list[asyncio.Task] = []
+
+
+class _PromptTimes(NamedTuple):
+    prompt_id: str
+    started: float   # time.time() seconds
+    ended: float
+    success: bool
+
+
+class PromptTime(_PromptTimes):
+    """One entry of `prompt_times`: still unpacks as the 4-tuple it always was; the model
+    files the run loaded ride beside it as `models_loaded`."""
+
+    def __new__(cls, prompt_id, started, ended, success, models_loaded=()):
+        entry = super().__new__(cls, prompt_id, started, ended, success)
+        entry.models_loaded = tuple(models_loaded)
+        return entry
 
 
 @dataclass
@@ -89,13 +109,29 @@ class SimulatedComfy:
     executions_containing(marker)
         the prompt ids in `executions` whose graph (as JSON) contains the marker.
 
+    GPU memory (models.py; the knobs may change at run time, the held files are lost by crash()):
+
+    models_kept (K, default 3)
+        how many model files the GPU holds (the last K loaded, LRU); lowering it evicts at once.
+    model_load_seconds (default 0.5)
+        what a loader node waits for each file the GPU does not hold (not divided by speed).
+    model_files
+        {folder: [file names]} the loader nodes offer and accept (default models.DEFAULT_MODEL_FILES).
+    loaded_models
+        the files held now, least recently used first.
+    model_loads
+        loads so far (kept across crash()/restart()); each `prompt_times` entry's
+        `models_loaded` names the files that run loaded.
+
     See the package docstring for the other knobs and observations.
     """
 
     def __init__(self, name: str = "sim", tick_seconds: float = 0.05, data_dir: Path | str | None = None,
                  startup_delay: float = 0.0, speed: float = 1.0, max_upload_size: int = protocol.DEFAULT_MAX_UPLOAD_SIZE,
-                 legacy: bool = False, profile: str | Profile | None = None):
+                 legacy: bool = False, profile: str | Profile | None = None, models_kept: int = 3,
+                 model_load_seconds: float = 0.5, model_files: dict[str, list[str]] | None = None):
         self.name = name
+        self._rt: Runtime | None = None
         # legacy=True is the old spelling of profile="legacy"
         self.spec: Profile = resolve(profile, legacy)
         self.tick_seconds = tick_seconds
@@ -105,6 +141,10 @@ class SimulatedComfy:
         self._own_dir = data_dir is None
         root = Path(tempfile.mkdtemp(prefix=f"comfysim-{name}-")) if data_dir is None else Path(data_dir)
         self.folders = Folders(root)
+        self.model_files = DEFAULT_MODEL_FILES if model_files is None else model_files
+        self.models_kept = models_kept
+        self.model_load_seconds = model_load_seconds
+        self.model_loads = 0
         self.host = "127.0.0.1"
         self.port: int | None = None
         # observations for tests; they survive crash()/restart()
@@ -112,7 +152,7 @@ class SimulatedComfy:
         self.requests_log: list[tuple[str, str, object]] = []
         self.interrupt_calls: list[str | None] = []
         # (prompt_id, started, ended, success) per executed prompt, wall-clock seconds (time.time)
-        self.prompt_times: list[tuple[str, float, float, bool]] = []
+        self.prompt_times: list[PromptTime] = []
         self.executions: list[str] = []
         self.execution_records: list[Execution] = []
         self.cancel_calls: list[tuple[str, str]] = []
@@ -131,7 +171,6 @@ class SimulatedComfy:
         self._unhung.set()
         self._server: tornado.httpserver.HTTPServer | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._rt: Runtime | None = None
         self._listening = asyncio.Event()
         self._listen_task: asyncio.Task | None = None
 
@@ -246,6 +285,41 @@ class SimulatedComfy:
         self._drop_events.clear()
         self._drop_events.update(events or ())
 
+    @property
+    def models_kept(self) -> int:
+        return self._models_kept
+
+    @models_kept.setter
+    def models_kept(self, count: int) -> None:
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"models_kept must be an int >= 0, not {count!r}")
+        self._models_kept = count
+        if self._rt is not None:
+            self._rt.gpu.trim()
+
+    @property
+    def model_load_seconds(self) -> float:
+        return self._model_load_seconds
+
+    @model_load_seconds.setter
+    def model_load_seconds(self, seconds: float) -> None:
+        if not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError(f"model_load_seconds must be a number >= 0, not {seconds!r}")
+        self._model_load_seconds = float(seconds)
+
+    @property
+    def model_files(self) -> dict[str, list[str]]:
+        return {folder: list(names) for folder, names in self.folders.model_files.items()}
+
+    @model_files.setter
+    def model_files(self, files: dict[str, list[str]]) -> None:
+        self.folders.model_files = checked_model_files(files)
+
+    @property
+    def loaded_models(self) -> list[str]:
+        """Model files the GPU holds now, least recently used first."""
+        return self._rt.gpu.held if self._rt else []
+
     def stall_next(self, route: str, seconds: float = 5.0, count: int = 1) -> None:
         """The next `count` requests of `route` wait `seconds` before they are handled."""
         faults.parse_key(route)
@@ -346,7 +420,10 @@ class SimulatedComfy:
 
     def _apply_flags(self, rt: Runtime) -> None:
         flags = rt.queue.take_flags()
-        if flags.get("free_memory", False):
+        free_memory = flags.get("free_memory", False)
+        if flags.get("unload_models", free_memory):   # as ComfyUI's worker reads them
+            rt.gpu.unload_all()
+        if free_memory:
             rt.executor.reset()
 
     async def _worker(self, rt: Runtime) -> None:
@@ -363,6 +440,7 @@ class SimulatedComfy:
             item, task_id = popped
             prompt_id = item[1]
             started = time.time()
+            rt.executor.last_models_loaded = ()
             try:
                 success, messages, result = await rt.executor.execute(item)
             except asyncio.CancelledError:
@@ -371,7 +449,8 @@ class SimulatedComfy:
                 log.exception("comfysim %s: executor failed on %s", self.name, prompt_id)
                 success, messages, result = False, [], {"outputs": {}, "meta": {}}
                 hub.last_node_id = None
-            self.prompt_times.append((prompt_id, started, time.time(), success))
+            self.prompt_times.append(PromptTime(prompt_id, started, time.time(), success,
+                                                rt.executor.last_models_loaded))
             queue.task_done(task_id, result, {
                 "status_str": "success" if success else "error", "completed": success, "messages": messages})
             if hub.client_id is not None:

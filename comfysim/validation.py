@@ -127,9 +127,10 @@ def _validate_node(prompt, node_id, validated, folders):
             errors.append(_err("value_bigger_than_max", f"Value {val} bigger than max of {extra['max']}", x,
                                {"input_name": x, "input_config": info, "received_value": val}))
             continue
-        if isinstance(input_type, list) and val not in input_type:
-            shown, config = (str(input_type), info) if len(input_type) <= 20 else \
-                (f"(list of length {len(input_type)})", None)
+        options = extra.get("options", []) if input_type == "COMBO" else input_type
+        if isinstance(options, list) and val not in options:   # a combo: old or newer schema
+            shown, config = (str(options), info) if len(options) <= 20 else \
+                (f"(list of length {len(options)})", None)
             errors.append(_err("value_not_in_list", "Value not in list", f"{x}: '{val}' not in {shown}",
                                {"input_name": x, "input_config": config, "received_value": val}))
             continue

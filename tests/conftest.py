@@ -6,7 +6,8 @@ Fixtures:
 - `bridge_factory`: `await bridge_factory(sims, **settings)` starts a Bridge (tmp DATA_DIR,
   the repo's workflows) in front of those simulators; returns a `RunningBridge`. One bridge
   per DATA_DIR: `await running.stop()` before starting another on the same one.
-- `sim`, `bridge`: one simulator and a bridge in front of it, ready (backend up).
+- `sim`, `bridge`: one simulator and a bridge in front of it, ready (backend up);
+  `@pytest.mark.bridge_settings(MAX_INFLIGHT_PER_SERVER=1)` gives that bridge other settings.
 - `api`: an `Api` client bound to `bridge` (HTTP + websocket helpers with timeouts).
 - `sim_profile`: the profile the `sim` fixture imitates. None (= the simulator's default)
   unless the test or its module is marked `@pytest.mark.all_profiles` (module:
@@ -37,6 +38,7 @@ ALL_PROFILES = ("legacy", "0.3.64", "current")
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "bridge_settings(**settings): settings of the `bridge` fixture")
     config.addinivalue_line(
         "markers", "all_profiles(*profiles, xfail={profile: reason}): run the test against every "
         "simulator profile (the `sim` fixture reads `sim_profile`)")
@@ -274,8 +276,10 @@ async def sim(sim_factory, sim_profile):
 
 
 @pytest.fixture
-async def bridge(sim, bridge_factory):
-    return await bridge_factory([sim])
+async def bridge(sim, bridge_factory, request):
+    """`@pytest.mark.bridge_settings(NAME=value, ...)` on a test or module sets its settings."""
+    marker = request.node.get_closest_marker("bridge_settings")
+    return await bridge_factory([sim], **(marker.kwargs if marker else {}))
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ async def test_interrupt_running_job_targets_its_prompt_only(api, bridge, sim):
     await next_job_runs(api)  # the slot is free
 
 
+@pytest.mark.bridge_settings(MAX_INFLIGHT_PER_SERVER=1)  # the bridge's own queue: no prompt waits in ComfyUI's
 async def test_interrupt_queued_job_never_reaches_a_backend(api, bridge, sim):
     sim.tick_seconds = 0.1
     running, queued = new_client_id(), new_client_id()
@@ -100,6 +101,7 @@ async def test_closing_socket_cancels_running_job_and_frees_slot(api, bridge, si
     await next_job_runs(api)
 
 
+@pytest.mark.bridge_settings(MAX_INFLIGHT_PER_SERVER=1)  # the bridge's own queue: no prompt waits in ComfyUI's
 async def test_closing_socket_drops_queued_job(api, bridge, sim):
     sim.tick_seconds = 0.1
     running, queued = new_client_id(), new_client_id()

@@ -128,6 +128,7 @@ async def test_one_active_job_per_client_and_reuse_after_fetch(api, sim):
     await api.wait_status(client_id, "closed")
 
 
+@pytest.mark.bridge_settings(MAX_INFLIGHT_PER_SERVER=1)  # the bridge's own queue: no prompt waits in ComfyUI's
 async def test_queued_count_counts_waiting_jobs(api, sim):
     sim.tick_seconds = 0.2
     saved = await api.upload(png_bytes())

@@ -2,6 +2,7 @@
 import asyncio
 import json
 import shutil
+import time
 
 import pytest
 
@@ -33,7 +34,8 @@ def prompts_posted(sim):
             if method == "POST" and path.endswith("/prompt") and isinstance(body, dict)]
 
 
-async def test_burst_keeps_every_backend_busy_and_fast_one_takes_more(sim_factory, bridge_factory):
+async def test_burst_leaves_no_backend_idle_that_would_end_a_waiting_job_first(sim_factory, bridge_factory):
+    from balancer.affinity import Estimator
     fast = await sim_factory(name="fast", tick_seconds=0.004)
     slow = await sim_factory(name="slow", tick_seconds=0.04)
     bridge = await bridge_factory([fast, slow])
@@ -43,10 +45,15 @@ async def test_burst_keeps_every_backend_busy_and_fast_one_takes_more(sim_factor
 
     def checked_pump():
         original()
-        if service.queue:
-            idle = [b.address for b in service.backends if b.up and not b.in_flight]
-            if idle:
-                violations.append((len(service.queue), idle))
+        if not service.queue:
+            return
+        head, now = next(iter(service.queue)), time.monotonic()
+        estimate = Estimator(service.backends)
+        ends = {b: now + b.backlog(now) + estimate.run_time(head.alias, b, True) for b in service.backends if b.up}
+        idle = [b for b in ends if not b.in_flight]
+        busy = [ends[b] for b in ends if b.in_flight]
+        if idle and (not busy or min(ends[b] for b in idle) < min(busy) - 1e-9):
+            violations.append((len(service.queue), [b.address for b in idle]))
 
     service._pump = checked_pump
     api = bridge.api()
@@ -242,7 +249,7 @@ async def test_retries_are_bounded(sim, bridge_factory):
 
 
 async def test_queue_limit_answers_503_with_retry_after(sim, bridge_factory):
-    bridge = await bridge_factory([sim], max_queue=2)
+    bridge = await bridge_factory([sim], max_queue=2, max_inflight_per_server=1)
     sim.tick_seconds = 0.05
     api = bridge.api()
     saved = await api.upload(png_bytes())

@@ -708,14 +708,18 @@ def test_shipped_examples_load_cleanly(caplog):
     assert cat.load_errors() == {}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert cat.aliases() == ["invert", "blank-image", "blur-scale", "slow-progress",
-                             "text-to-image"]
+                             "text-to-image", "lora-image"]
     expected = {
         "invert": {"1/image": "str"},
         "blank-image": {"1/width": "int", "1/height": "int", "1/color": "int"},
         "blur-scale": {"1/image": "str", "2/width": "int", "2/height": "int",
                        "3/blur_radius": "int"},
         "slow-progress": {"1/image": "str", "2/steps": "int"},
-        "text-to-image": {"3/seed": "int", "3/steps": "int", "6/text": "str"},
+        "text-to-image": {"4/ckpt_name": "str", "6/text": "str", "7/text": "str", "3/seed": "int",
+                          "3/steps": "int", "5/width": "int", "5/height": "int"},
+        "lora-image": {"4/ckpt_name": "str", "10/lora_name": "str", "10/strength_model": "float",
+                       "10/strength_clip": "float", "6/text": "str", "3/seed": "int", "3/steps": "int",
+                       "5/width": "int", "5/height": "int"},
     }
     for alias, types in expected.items():
         wf = cat.get(alias)

@@ -519,7 +519,7 @@ async def test_client_id_format(api, bridge, client_id):
 
 
 async def test_the_queue_limit_answers_503_with_retry_after(sim, bridge_factory):
-    running = await bridge_factory([sim], max_queue=1)
+    running = await bridge_factory([sim], max_queue=1, max_inflight_per_server=1)
     api = running.api()
     first, second = new_client_id(), new_client_id()
     await api.generate(first, {"workflow": "slow-progress", "2/steps": 500})

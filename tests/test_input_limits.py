@@ -178,8 +178,9 @@ async def test_workflow_info_has_the_simulator_limits_and_the_description(api):
     assert (blur["3/blur_radius"]["min"], blur["3/blur_radius"]["max"]) == (1, 31)
     assert (blur["2/width"]["min"], blur["2/width"]["max"]) == (0, 16384)
     assert blur["1/image"]["upload"] is True and "choices" not in blur["1/image"]
-    t2i = await api.json("/workflow-info?workflow=text-to-image")       # no description, no
-    assert all("workflow_description" not in e and "min" not in e for e in t2i.values())  # KSampler here
+    t2i = await api.json("/workflow-info?workflow=text-to-image")       # the simulator's KSampler and
+    assert (t2i["3/steps"]["min"], t2i["3/steps"]["max"]) == (1, 10000)   # its checkpoint folder
+    assert t2i["4/ckpt_name"]["choices"] and "min" not in t2i["6/text"]
 
 
 def prompts_posted(sim) -> int:

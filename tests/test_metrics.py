@@ -59,7 +59,7 @@ async def start_slow(api, client_id: str, saved: str, steps: int = 400) -> None:
 async def test_metrics_carry_every_series_during_a_run(sim_factory, bridge_factory):
     a = await sim_factory(name="a", tick_seconds=0.02)
     b = await sim_factory(name="b", tick_seconds=0.02)
-    bridge = await bridge_factory([a, b], health_check_interval=0.3)
+    bridge = await bridge_factory([a, b], health_check_interval=0.3, max_inflight_per_server=1)
     api = bridge.api()
     try:
         first = await scrape(api)

@@ -25,8 +25,9 @@ MB = 1024 * 1024
 
 @pytest.fixture
 async def full(sim, bridge_factory):
-    """A bridge whose queue (MAX_QUEUE=1) is full: one slow job runs, one waits."""
-    running = await bridge_factory([sim], max_queue=1)
+    """A bridge whose queue (MAX_QUEUE=1) is full: one slow job runs, one waits (in the bridge's
+    queue: one prompt per backend)."""
+    running = await bridge_factory([sim], max_queue=1, max_inflight_per_server=1)
     api = running.api()
     saved = await api.upload(png_bytes())
     first, second = new_client_id(), new_client_id()

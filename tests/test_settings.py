@@ -20,7 +20,8 @@ def test_defaults(tmp_path):
     assert s.comfyui_servers == ("127.0.0.1:8188",)
     assert s.execution_timeout == 300 and s.heartbeat_interval == 1 and s.result_ttl == 3600
     assert s.upload_max_size == 100 and s.upload_max_bytes == 100 * 1024 * 1024
-    assert s.max_inflight_per_server == 1 and s.free_after_n_generations == 0
+    assert s.max_inflight_per_server == 2 and s.free_after_n_generations == 0
+    assert s.models_kept_per_server == 2
     assert s.current_state == tmp_path / "data" / "current_state.json"
 
 

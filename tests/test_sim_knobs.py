@@ -591,7 +591,8 @@ async def test_many_servers_in_one_process_are_separate(tmp_path):
     ports_file = tmp_path / "ports.json"
     args = argparse.Namespace(host="127.0.0.1", port=0, count=2, ports_file=str(ports_file), name="farm",
                               tick_seconds=0.01, speed=1.0, startup_delay=0.0, data_dir=str(tmp_path / "d"),
-                              profile="current", log_level="WARNING", timeline=None)
+                              profile="current", log_level="WARNING", timeline=None, models_kept=3,
+                              model_load_seconds=0.0, model_files=None)
     stop = asyncio.Event()
     serving = asyncio.get_running_loop().create_task(_serve(args, stop))
     try:

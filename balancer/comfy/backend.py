@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 import ujson
 from tornado import httpclient, websocket
 
+from ..affinity import GpuBelief
 from .files import UploadCache
 from .http import CONNECT_TIMEOUT, BackendRejected, BackendUnavailable, Transport
 
@@ -67,10 +68,16 @@ class BackendStats:
         return sum(samples) / len(samples) if samples else None
 
 
+@dataclass
+class Slot:
+    expected: float                 # seconds its prompt should run, from the scheduler's estimate
+    started: float | None = None    # time.monotonic() of its execution_start
+
+
 class Backend:
     def __init__(self, address: str, *, request_timeout: float, health_interval: float = 5.0,
                  on_up: Callable[["Backend"], None], on_down: Callable[["Backend"], None],
-                 max_clients: int = 32):
+                 max_clients: int = 32, models_kept: int = 2):
         self.address = address
         self.base_url = f"http://{address}"
         self.request_timeout = request_timeout
@@ -88,7 +95,8 @@ class Backend:
         self.accepts_prompt_ids = True       # until it refuses one (see api.submit_prompt)
         self.has_cancel_route: bool | None = None  # POST /api/jobs/{id}/cancel; None: not tried yet
         self.stats = BackendStats()
-        self._slots: set[str] = set()        # job ids holding a slot here
+        self.gpu = GpuBelief(models_kept)    # its loaded models and run times, as far as we know
+        self._slots: dict[str, Slot] = {}    # job id -> its prompt's expected run, while sent here
         self._abandoned: set[str] = set()    # prompts whose jobs were moved elsewhere
         self._listeners: dict[str, PromptListener] = {}
         self._unrouted: dict[str, deque] = {}
@@ -108,11 +116,25 @@ class Backend:
     def load(self) -> int:
         return len(self._slots)
 
-    def take_slot(self, job_id: str) -> None:
-        self._slots.add(job_id)
+    def take_slot(self, job_id: str, expected: float = 0.0) -> None:
+        """A prompt expected to run for `expected` seconds once started is sent here."""
+        self._slots[job_id] = Slot(expected)
+
+    def slot_started(self, job_id: str, when: float) -> None:
+        slot = self._slots.get(job_id)
+        if slot is not None and slot.started is None:
+            slot.started = when
 
     def release_slot(self, job_id: str) -> None:
-        self._slots.discard(job_id)
+        self._slots.pop(job_id, None)
+
+    def backlog(self, now: float) -> float:
+        """Seconds of expected work still ahead of this backend's GPU (time.monotonic() `now`):
+        the rest of what runs, and all of what waits in its queue."""
+        total = 0.0
+        for slot in self._slots.values():
+            total += slot.expected if slot.started is None else max(slot.expected - (now - slot.started), 0.0)
+        return total
 
     def mean_duration(self, alias: str) -> float | None:
         return self.stats.mean_duration(alias)
