@@ -19,8 +19,10 @@ TENANTS = ",".join(f"{name}:{key}" for name, key in KEYS.items())
 
 
 async def tenant_bridge(sim_factory, bridge_factory, **settings):
+    """One simulator; by default one prompt at a time on it, so that every other job waits in the
+    bridge's own queue, whose order is what these tests look at."""
     sim = await sim_factory(name="only", tick_seconds=0.01)
-    running = await bridge_factory([sim], bridge_api_keys=TENANTS, **settings)
+    running = await bridge_factory([sim], bridge_api_keys=TENANTS, **{"max_inflight_per_server": 1, **settings})
     return sim, running
 
 
@@ -36,22 +38,24 @@ def dispatch_order(service) -> list[str]:
     return order
 
 
-async def test_a_tenant_with_few_jobs_is_not_stuck_behind_a_flood(sim_factory, bridge_factory):
-    sim, running = await tenant_bridge(sim_factory, bridge_factory)
+@pytest.mark.parametrize("inflight", [1, 2], ids=["one-prompt", "pipelined"])
+async def test_a_tenant_with_few_jobs_is_not_stuck_behind_a_flood(sim_factory, bridge_factory, inflight):
+    sim, running = await tenant_bridge(sim_factory, bridge_factory, max_inflight_per_server=inflight)
     a, b = running.api(KEYS["a"]), running.api(KEYS["b"])
     order = dispatch_order(running.service)
     saved_a, saved_b = await a.upload(png_bytes(seed=1)), await b.upload(png_bytes(seed=2))
     flood = [new_client_id() for _ in range(8)]
-    for i, client_id in enumerate(flood):   # the first runs (1 s) while the others queue
+    for i, client_id in enumerate(flood):   # the first runs (1 s; pipelined, the second waits behind it)
         await a.generate(client_id, slow_job(saved_a, 100 if i == 0 else 20 + i))
+    await wait_for(lambda: running.service.running_of("a") == inflight, TIMEOUT, what="a's first jobs sent")
     few = [new_client_id() for _ in range(2)]
     answers = [await b.generate(client_id, slow_job(saved_b, 40 + i)) for i, client_id in enumerate(few)]
-    # a's first job runs; b's first is next in line, its second after one more of a's.
+    # a's first jobs are on the backend; b's first is next in line, its second after one more of a's.
     assert [answer["detail"] for answer in answers] == ["queued / 1", "queued / 3"]
     for api, client_id in [(b, few[-1]), (a, flood[-1])]:
         await api.wait_status(client_id, "closed", timeout=30)
-    assert order.index(few[0]) < order.index(few[1]) < order.index(flood[2])
-    assert order == [flood[0], few[0], flood[1], few[1], *flood[2:]]
+    sent = flood[:inflight]
+    assert order == [*sent, few[0], flood[inflight], few[1], *flood[inflight + 1:]]
     a.close()
     b.close()
 
