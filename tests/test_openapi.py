@@ -161,7 +161,7 @@ def test_tenant_extensions_are_described(spec):
 
 
 async def test_a_429_matches_its_schema(sim, bridge_factory, spec):
-    bridge = await bridge_factory([sim], bridge_api_keys="a:key-a", tenant_max_queued=1)
+    bridge = await bridge_factory([sim], bridge_api_keys="a:key-a", tenant_max_queued=1, max_inflight_per_server=1)
     api = bridge.api("key-a")
     try:
         saved = await api.upload(png_bytes())
