@@ -7,8 +7,9 @@ goes round-robin over the tenants with waiting jobs, starting after the tenant s
 of its tenant's jobs of equal priority. A tenant at its running limit (`max_running`, read
 through `running(tenant)`) is skipped: each pass counts the jobs it offered a tenant, since
 the scheduler dispatches them only after the pass (one it leaves waiting holds that room
-until the next pass, which any slot freed or job queued starts). Iteration is lazy (the scheduler stops
-after a few jobs while 10,000 may wait); do not change the queue while iterating it.
+until the next pass, which any slot freed or job queued starts). Iteration is lazy (the
+scheduler stops after a few jobs while 10,000 may wait); do not change the queue while
+iterating it.
 
 A job's place is found without walking the queue. Within one class (tenant, priority) each job
 gets a ticket, increasing from the front to the back; the class holds every ticket between its
