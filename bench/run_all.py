@@ -6,6 +6,8 @@ dir). Options after `--` are passed to every script (e.g. `-- --root /path/to/ch
 
     .venv/bin/python bench/run_all.py                       # about 40 minutes on 2 cores
     .venv/bin/python bench/run_all.py --only latency,idle_gap -- --runs 3
+    .venv/bin/python bench/run_all.py --only makespan,idle_gap,mixed,fairness -- --runs 1        # issue 15
+    .venv/bin/python bench/run_all.py --only makespan,idle_gap,mixed,fairness -- --runs 1 --root /work/wt-old --sim-root .
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ["latency", "peer", "throughput", "flood", "scale", "websockets", "makespan", "idle_gap", "upload", "fairness"]
+SCRIPTS = ["latency", "peer", "throughput", "flood", "scale", "websockets", "makespan", "idle_gap", "upload", "mixed", "fairness"]
 
 
 def main() -> int:
