@@ -38,13 +38,15 @@ grouping its jobs by checkpoint reaches exactly that, for any K >= 1. So
     T* = min over plans of max_b T_b
 is both a lower bound on the makespan of any schedule of this workload on these backends (for
 these r_b and L_b, with a bridge that costs nothing) and the makespan of a plan that achieves it.
-Computed exactly: for every support (which checkpoints each backend serves: (2^M)^B choices,
-4,096 here), the smallest T at which the jobs fit is found by bisection over the values
-k * r_b + j * L_b; at a given T backend b takes cap_b = floor((T - L_b * |S_b|) / r_b) jobs of
-the checkpoints S_b it serves, and the jobs fit exactly when, for every set Q of checkpoints,
-sum_{m in Q} N_m <= sum_{b : S_b meets Q} cap_b (the supply-demand theorem for a transport
-problem). The report gives T*, the fewest loads of a plan reaching T*, and per number of loads
-the best makespan any plan with that many loads can have (what a load saved costs in time).
+Computed exactly (bench/plans.py, checked against every assignment on small cases in
+tests/test_bench_plans.py): for every support (which checkpoints S_b each backend serves, at
+least one job of each: (2^M)^B choices, 4,096 here), the smallest T at which the jobs fit is
+found by bisection over the values k * r_b + j * L_b. At a given T backend b takes
+cap_b = floor((T - L_b * |S_b|) / r_b) jobs; one job of each of its pairs is given first, and
+the rest fit exactly when, for every set Q of checkpoints, what Q still needs <= the remaining
+cap_b of the backends serving some of Q (the supply-demand theorem for a transport problem).
+The report gives T*, the fewest loads of a plan reaching T*, and per number of loads the best
+makespan a plan with that many loads can have (what a load saved costs in time).
 
 Today's scheduler (d3e38b5, no MODELS_KEPT_PER_SERVER: it is left out and said so) is measured
 on the same workload with `--root /work/wt-old --sim-root .` (compare.py alternates the two).
@@ -56,8 +58,6 @@ on the same workload with `--root /work/wt-old --sim-root .` (compare.py alterna
 from __future__ import annotations
 
 import asyncio
-import itertools
-import math
 import random
 import sys
 from pathlib import Path
@@ -65,76 +65,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 from makespan import run_jobs  # noqa: E402
+from plans import MAX_SUPPORTS, best_plans, lower_bound_loads, workload  # noqa: E402
 
 GOAL_LOADS = 1.2        # loads / LB
 GOAL_MAKESPAN = 1.1     # makespan / T*
 CHECKPOINTS = ["v1-5-pruned-emaonly-fp16.safetensors", "sd_xl_base_1.0.safetensors", "dreamshaper_8.safetensors"]
 SIDE = 64
-MAX_SUPPORTS = 200_000  # (2^M)^B supports enumerated at most
-
-
-def workload(jobs: int, checkpoints: list[str], weights: list[float], seed: int) -> list[str]:
-    """The checkpoint of each job: counts in proportion to `weights` (largest remainders), shuffled."""
-    total = sum(weights)
-    exact = [jobs * w / total for w in weights]
-    counts = [math.floor(x) for x in exact]
-    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[:jobs - sum(counts)]:
-        counts[i] += 1
-    order = [ckpt for ckpt, n in zip(checkpoints, counts) for _ in range(n)]
-    random.Random(seed).shuffle(order)
-    return order
-
-
-def lower_bound_loads(counts: list[int], backends: int) -> int:
-    return max(sum(1 for n in counts if n), min(backends, sum(counts)))
-
-
-def _fits(T: float, supports: tuple[int, ...], counts: list[int], r: list[float], L: list[float],
-          subsets: list[int]) -> bool:
-    caps = []
-    for b, s in enumerate(supports):
-        k = bin(s).count("1")
-        caps.append(max(0, math.floor((T - L[b] * k) / r[b] + 1e-9)) if s else 0)
-    for q in subsets:
-        need = sum(n for m, n in enumerate(counts) if q >> m & 1)
-        have = sum(cap for cap, s in zip(caps, supports) if s & q)
-        if need > have:
-            return False
-    return True
-
-
-def best_plans(counts: list[int], r: list[float], L: list[float]) -> dict[int, float]:
-    """{number of loads: the smallest makespan of a plan with that many loads} (see the docstring)."""
-    models, backends = len(counts), len(r)
-    if (2 ** models) ** backends > MAX_SUPPORTS:
-        raise SystemExit(f"{models} checkpoints on {backends} backends: too many plans to enumerate")
-    used = [m for m, n in enumerate(counts) if n]
-    subsets = [q for q in range(1, 2 ** models) if all(counts[m] for m in range(models) if q >> m & 1)]
-    total = sum(counts)
-    candidates = sorted({k * r[b] + j * L[b] for b in range(backends) for k in range(1, total + 1)
-                         for j in range(1, len(used) + 1)})
-    frontier: dict[int, float] = {}
-    masks = [s for s in range(2 ** models) if all(counts[m] for m in range(models) if s >> m & 1)]
-    for supports in itertools.product(masks, repeat=backends):
-        covered = 0
-        for s in supports:
-            covered |= s
-        if any(not covered >> m & 1 for m in used):
-            continue
-        loads = sum(bin(s).count("1") for s in supports)
-        lo, hi = 0, len(candidates) - 1
-        if not _fits(candidates[hi], supports, counts, r, L, subsets):
-            continue
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if _fits(candidates[mid], supports, counts, r, L, subsets):
-                hi = mid
-            else:
-                lo = mid + 1
-        T = candidates[lo]
-        if T < frontier.get(loads, float("inf")):
-            frontier[loads] = T
-    return dict(sorted(frontier.items()))
 
 
 def per_backend_times(timelines: list[list[dict]]) -> tuple[list[float], list[float]]:
@@ -215,6 +151,9 @@ def main() -> int:
     args.weights = args.weights or [1.0] * len(args.checkpoints)
     if len(args.weights) != len(args.checkpoints):
         raise SystemExit("--weights needs one value per checkpoint")
+    if (2 ** len(args.checkpoints)) ** len(args.ticks) > MAX_SUPPORTS:
+        raise SystemExit(f"{len(args.checkpoints)} checkpoints on {len(args.ticks)} backends: too many plans "
+                         "for the exact offline computation")
     runs = []
     for r in range(args.runs):
         res = c.quiet_run(lambda: one_run(args, r, c.profile_path(args) if r == args.runs - 1 else None))
