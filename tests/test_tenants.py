@@ -193,7 +193,7 @@ async def test_without_keys_everyone_is_the_tenant_default(bridge, api):
     assert status["tenants"] == {"default": {"queued": 0, "running": 0}}
 
 
-@pytest.mark.parametrize("value", [True, 1.0, "1", 101, -101, [1], {}])
+@pytest.mark.parametrize("value", [None, True, 1.0, "1", 101, -101, [1], {}])
 async def test_priority_must_be_an_integer_in_range(bridge, api, value):
     response = await api.fetch(f"/generate-based-workflow?clientId={new_client_id()}", "POST",
                                {"workflow": "invert", "priority": value})
