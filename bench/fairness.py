@@ -184,9 +184,11 @@ def main() -> int:
         {"figure": "the same with one key for both (first come, first served)", "goal": "(compare)",
          "value": f"{c.fmt_spread(fifo, '', 1)}", "met": None, "data": {"ratio": fifo}},
     ]
+    pipelined = not any(item.upper().startswith("MAX_INFLIGHT_PER_SERVER=") for item in args.set)
     notes = [f"slow-progress with 2/steps={args.steps} at tick {args.tick:g} s; each job its own uploaded "
-             f"{SIDE}x{SIDE} PNG; B's wait: generate request to its first `progress` message; bridge defaults "
-             f"(MAX_INFLIGHT_PER_SERVER=1) {' '.join(args.set)}".strip()]
+             f"{SIDE}x{SIDE} PNG; B's wait: generate request to its first `progress` message; bridge defaults"
+             + (" (MAX_INFLIGHT_PER_SERVER=2: B's job, once sent, may wait behind the prompt running there)"
+                if pipelined else f", {' '.join(args.set)}")]
     c.report("fairness between tenants", args, rows, notes, extra={"client": "tornado websocket + raw keep-alive HTTP"})
     return 0
 
