@@ -101,7 +101,7 @@ class Scheduler:
         if not free:
             return []  # the common case under load: one pass over the backends, none over the queue
         estimate = Estimator(list(backends))
-        ready = {i: now + b.backlog(now) for i, b in up}   # when each would have done what it has
+        ready = {i: now + b.backlog(now, estimate.run_time) for i, b in up}   # when each would have done what it has
         load = {i: b.load for i, b in up}
         planned: dict[int, set] = {}                       # models of the jobs placed here in this pass
         count = len(backends)

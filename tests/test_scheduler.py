@@ -18,7 +18,7 @@ class FakeBackend:
     work: float = 0.0                   # seconds of expected work ahead of it
     gpu: GpuBelief = field(default_factory=lambda: GpuBelief(2))
 
-    def backlog(self, now):
+    def backlog(self, now, run_time=None):
         return self.work
 
 
