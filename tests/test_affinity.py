@@ -37,6 +37,13 @@ async def test_alternating_checkpoints_settle_one_per_backend(sim_factory, bridg
     assert sorted(sim.model_loads for sim in sims) == [1, 1]
     held = sorted(m for backend in bridge.service.backends for m in backend.gpu.models)
     assert held == sorted(CHECKPOINTS)
+    from tests.test_metrics import scrape
+    metrics = await scrape(api)
+    assert metrics.value("bridge_jobs_dispatched_total", workflow="text-to-image", warm="true") == 13
+    assert metrics.value("bridge_jobs_dispatched_total", workflow="text-to-image", warm="false") == 2
+    for backend in bridge.service.backends:
+        assert metrics.value("bridge_backend_models_loaded", backend=backend.address) == 1
+        assert metrics.value("bridge_backend_backlog_seconds", backend=backend.address) == 0
     api.close()
 
 
