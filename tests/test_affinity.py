@@ -58,3 +58,18 @@ async def test_after_a_free_the_bridge_knows_nothing_is_loaded(sim_factory, brid
     status = await api.json("/status")
     assert [b["models"] for b in status["backends"]] == [[], []]
     api.close()
+
+
+async def test_a_backend_that_came_back_is_believed_to_hold_nothing(sim_factory, bridge_factory):
+    sims, bridge = await two_model_farm(sim_factory, bridge_factory, load_seconds=0.05)
+    api = bridge.api()
+    client_id = await text_to_image(api, CHECKPOINTS[0], seed=1)
+    await api.wait_status(client_id, "closed")
+    [(sim, backend)] = [(s, b) for s, b in zip(sims, bridge.service.backends) if b.gpu.models]
+    await sim.crash()
+    await wait_for(lambda: not backend.up, what="the backend seen down")
+    assert backend.gpu.models == ()
+    await sim.restart()
+    assert await backend.wait_up(10)
+    assert backend.gpu.models == ()
+    api.close()
