@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if "BRIDGE_API_KEY" in overrides:
         print("bridge: warning: --bridge-api-key is visible to other users of this machine (ps, "
               "/proc/<pid>/cmdline); prefer BRIDGE_API_KEY in the environment or in .env", file=sys.stderr)
+    if "BRIDGE_API_KEYS" in overrides and not Path(overrides["BRIDGE_API_KEYS"]).expanduser().is_file():
+        print("bridge: warning: keys given inline to --bridge-api-keys are visible to other users of this "
+              "machine; prefer --bridge-api-keys FILE (name:key lines)", file=sys.stderr)
     if args.demo:
         overrides.setdefault("COMFYUI_SERVERS", "127.0.0.1:1")  # replaced by the simulators
         if setting_source("HOST", overrides, os.environ, args.env_file) is None:

@@ -42,6 +42,7 @@ class GpuBelief:
         self.kept = kept
         self._models: OrderedDict[str, None] = OrderedDict()
         self._runs: dict[tuple[str, bool], deque] = {}
+        self._means: dict[tuple[str, bool], float] = {}   # of _runs, kept as they come (read per backend and job)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -66,14 +67,15 @@ class GpuBelief:
         self._models.clear()
 
     def record(self, alias: str, warm: bool, seconds: float) -> None:
-        self._runs.setdefault((alias, warm), deque(maxlen=SAMPLES_KEPT)).append(seconds)
+        samples = self._runs.setdefault((alias, warm), deque(maxlen=SAMPLES_KEPT))
+        samples.append(seconds)
+        self._means[(alias, warm)] = sum(samples) / len(samples)
 
     def samples(self, alias: str, warm: bool) -> deque | tuple:
         return self._runs.get((alias, warm), ())
 
     def mean(self, alias: str, warm: bool) -> float | None:
-        samples = self._runs.get((alias, warm))
-        return sum(samples) / len(samples) if samples else None
+        return self._means.get((alias, warm))
 
 
 @dataclass

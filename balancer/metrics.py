@@ -50,6 +50,10 @@ class BridgeMetrics:
         self.jobs_expired = Counter(
             "bridge_jobs_expired", "Ended jobs removed after RESULT_TTL because nobody collected "
             "their results (state=done) or error (state=error).", ["workflow", "state"], registry=r)
+        self.dispatches = Counter(
+            "bridge_jobs_dispatched", "Prompts sent to a backend, by whether the job's models were "
+            "expected loaded there (warm=true) or had to be loaded first (warm=false).",
+            ["workflow", "warm"], registry=r)
         self.queue_wait = Histogram(
             "bridge_queue_wait_seconds", "Time from a job's submit to its first dispatch to a backend.",
             buckets=WAIT_BUCKETS, registry=r)
@@ -103,6 +107,7 @@ class BridgeMetrics:
         if event == "queued":
             self.jobs_submitted.labels(workflow).inc()
         elif event == "dispatched":
+            self.dispatches.labels(workflow, "true" if detail.get("warm", True) else "false").inc()
             if job.attempts == 1:  # later dispatches (requeue, OOM retry) would count the run too
                 self.queue_wait.observe(max(0.0, float(detail.get("waited", 0.0))))
         elif event == "requeued":
@@ -244,6 +249,12 @@ class _StateCollector(Collector):
                                      labels=["backend"])
         failures = CounterMetricFamily("bridge_backend_call_failures", "Calls to the backend that failed "
                                        "(after retries for reads): no answer, timeout or 5xx.", labels=["backend"])
+        backlog = GaugeMetricFamily("bridge_backend_backlog_seconds", "Expected seconds of work ahead of the "
+                                    "backend's GPU: the rest of what runs and what waits in its queue.",
+                                    labels=["backend"])
+        models = GaugeMetricFamily("bridge_backend_models_loaded", "Model files the scheduler believes loaded "
+                                   "on the backend (the last ones its jobs used).", labels=["backend"])
+        now = time.monotonic()
         for backend in service.backends:
             up.add_metric([backend.address], 1 if backend.up else 0)
             in_flight.add_metric([backend.address], backend.load)
@@ -251,7 +262,9 @@ class _StateCollector(Collector):
             runs.add_metric([backend.address, "failed"], backend.stats.failed)
             in_a_row.add_metric([backend.address], backend.stats.consecutive_failures)
             failures.add_metric([backend.address], backend.stats.call_failures)
-        yield from (up, in_flight, runs, in_a_row, failures)
+            backlog.add_metric([backend.address], backend.backlog(now))
+            models.add_metric([backend.address], len(backend.gpu.models))
+        yield from (up, in_flight, runs, in_a_row, failures, backlog, models)
 
         cost = service.scheduling
         yield CounterMetricFamily("bridge_scheduler_runs", "Times the dispatcher asked the scheduler which "

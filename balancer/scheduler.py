@@ -101,7 +101,7 @@ class Scheduler:
         if not free:
             return []  # the common case under load: one pass over the backends, none over the queue
         estimate = Estimator(list(backends))
-        ready = {i: now + b.backlog(now) for i, b in up}   # when each would have done what it has
+        ready = {i: now + b.backlog(now, estimate.run_time) for i, b in up}   # when each would have done what it has
         load = {i: b.load for i, b in up}
         planned: dict[int, set] = {}                       # models of the jobs placed here in this pass
         count = len(backends)
@@ -113,18 +113,19 @@ class Scheduler:
             if kind in stuck:
                 continue
             best, best_key, best_run, best_warm = None, None, 0.0, True
-            room = False
             for index, backend in up:
+                if best_key is not None and ready[index] > best_key[0]:
+                    continue  # busy past the best end found: cannot end it sooner
                 if not can_run(job, backend):
                     continue
-                room = room or load[index] < limit
                 coming = planned.get(index, ())
                 warm = all(backend.gpu.holds(m) or m in coming for m in job.models)
                 run = estimate.run_time(job.alias, backend, warm)
                 key = (ready[index] + run, not warm, load[index], (index - self._next) % count)
                 if best_key is None or key < best_key:
                     best, best_key, best_run, best_warm = index, key, run, warm
-            if not room:
+            if best is None or (load[best] >= limit
+                                and not any(load[i] < limit and can_run(job, b) for i, b in up)):
                 stuck.add(kind)  # none that may run it has room now: none has for a job alike either
                 continue
             budget -= 1

@@ -97,7 +97,7 @@ class JobService:
         for job in plan.resume:
             self._count_running(job)
             job.dispatched_at = time.monotonic()
-            job.backend.take_slot(job.id)
+            job.backend.take_slot(job.id, job.alias)
             job.task = self._spawn(self._run(job, job.backend, resume=True))
         if plan.jobs:
             log.info("restored %d job(s): %d queued, %d running, %d ended", len(plan.jobs), len(plan.queue),
@@ -335,7 +335,7 @@ class JobService:
         # Chosen here, so the record written for the dispatch carries it: one commit (often the
         # same as the job's `queued` one) puts it on disk before POST /prompt.
         job.prompt_id = str(uuid.uuid4())
-        backend.take_slot(job.id, placement.expected)
+        backend.take_slot(job.id, job.alias, placement.warm, placement.expected)
         backend.gpu.loaded(job.models)  # by the time the next prompt there runs, they are
         saved = self._transition(job, "dispatched", backend, waited=time.time() - job.created,
                                  expected=round(placement.expected, 3), warm=placement.warm)

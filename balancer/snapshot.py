@@ -4,6 +4,8 @@ per tenant, the catalog's broken files. Any valid key sees every tenant's name a
 judge a wait."""
 from __future__ import annotations
 
+import time
+
 
 def service_snapshot(service, now: float) -> dict:
     oldest = min((job.created for job in service.queue.every_job()), default=None)
@@ -35,4 +37,8 @@ def _backend(backend) -> dict:
         "consecutive_failures": stats.consecutive_failures,
         "last_failure": stats.last_failure,
         "mean_duration": None if mean is None else round(mean, 3),
+        # What the scheduler believes (affinity.py): the model files loaded there, most recent
+        # last, and the seconds of expected work ahead of its GPU.
+        "models": list(backend.gpu.models),
+        "backlog": round(backend.backlog(time.monotonic()), 3),
     }

@@ -23,13 +23,18 @@ import _common as c  # noqa: E402
 
 @dataclass
 class Backend:
+    """Speaks both schedulers: before issue 15 (mean_duration) and after (backlog, gpu)."""
     address: str
     up: bool = True
     load: int = 1
     node_classes: frozenset = frozenset()
+    gpu: object = None
 
     def mean_duration(self, alias):
         return None
+
+    def backlog(self, now, run_time=None):
+        return 0.5 * self.load
 
 
 @dataclass(eq=False)
@@ -38,6 +43,7 @@ class Job:
     class_types: frozenset = frozenset({"EmptyImage", "SaveImage"})
     allowed_backends: tuple | None = None
     refused_by: dict = field(default_factory=dict)
+    models: frozenset = frozenset({"sdxl.safetensors"})
 
 
 def best_of(repeat: int, fn) -> float:
@@ -59,11 +65,23 @@ def main() -> int:
     sys.path.insert(0, str(Path(args.root).resolve()))
     from balancer.queue import JobQueue
     from balancer.scheduler import Scheduler
+    try:
+        from balancer.affinity import GpuBelief
+    except ImportError:          # a checkout from before issue 15
+        GpuBelief = None
+    import inspect
+    takes_now = "now" in inspect.signature(Scheduler.plan).parameters
     rows = []
     for n in (int(x) for x in args.backends.split(",")):
         for q in (int(x) for x in args.queued.split(",")):
             fleet = [Backend(f"10.0.{i // 250}.{i % 250}:8188") for i in range(n)]
             fleet[-1].load = 0  # one slot free
+            for i, backend in enumerate(fleet):
+                if GpuBelief is not None:
+                    backend.gpu = GpuBelief(2)
+                    backend.gpu.loaded(frozenset({"sdxl.safetensors" if i % 2 else "sd15.safetensors"}))
+                    backend.gpu.record("scale", True, 1.0 if backend.load == 0 else 1.0 + i % 3)  # the free one ends it first
+                    backend.gpu.record("scale", False, 5.0)
             pinned = tuple(fleet[0].address for _ in range(1))
             queue = JobQueue()
             jobs = [Job(allowed_backends=pinned if i < args.pinned else None) for i in range(q)]
@@ -72,7 +90,7 @@ def main() -> int:
             scheduler = Scheduler(1)
 
             def plan():
-                placed = scheduler.plan(queue, fleet)
+                placed = scheduler.plan(queue, fleet, time.monotonic()) if takes_now else scheduler.plan(queue, fleet)
                 assert len(placed) == 1
             plan_s = best_of(args.repeat, plan)
             sample = jobs[::max(1, q // 100)]

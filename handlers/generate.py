@@ -36,10 +36,9 @@ def parse_wait(raw: str | None) -> float | None:
 
 
 def parse_priority(value) -> int:
-    """The body's `priority`: an integer in PRIORITY_RANGE (bool and 1.0 are not), default 0."""
+    """The body's `priority` (0 when absent): an integer in PRIORITY_RANGE; null, a bool or 1.0
+    is not one."""
     low, high = PRIORITY_RANGE
-    if value is None:
-        return 0
     if type(value) is not int or not low <= value <= high:
         raise ApiError(400, f"field 'priority' must be an integer from {low} to {high} (higher runs first "
                             "among your own jobs); default 0")
@@ -68,7 +67,7 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
                 raise ApiError(400, "field 'workflow' is required: the alias of a workflow (see GET /workflow-list)")
             # Options are top-level keys without a '/' (inputs always have one).
             webhook = body.pop("webhook", None)
-            priority = parse_priority(body.pop("priority", None))
+            priority = parse_priority(body.pop("priority", 0))
             # File inputs by URL or inline become stored uploads first: the core sees uploads only.
             # A refusal that does not depend on them comes before the fetches it would waste.
             self.service.check_can_submit(client_id, self.tenant)

@@ -84,3 +84,23 @@ def test_the_single_key_and_the_list_stay_apart(tmp_path):
         tmp_path, BRIDGE_API_KEY=KEY_B, BRIDGE_API_KEYS=f"default:{KEY_A}")
     assert "tenant 'a' has the same key as BRIDGE_API_KEY" in refused(
         tmp_path, BRIDGE_API_KEY=KEY_A, BRIDGE_API_KEYS=f"a:{KEY_A}")
+
+
+def test_inline_keys_on_the_command_line_are_warned_about_a_file_is_not(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def start(value):
+        return subprocess.run([sys.executable, str(ROOT / "bridge.py"), "--bridge-api-keys", value, "--port", "abc",
+                               "--env-file", str(tmp_path / "none")], capture_output=True, text=True, timeout=30,
+                              cwd=ROOT)
+
+    inline = start(f"a:{KEY_A}")
+    assert inline.returncode == 2 and "--bridge-api-keys are visible to other users" in inline.stderr
+    assert KEY_A not in inline.stderr
+    keys = tmp_path / "keys"
+    keys.write_text(f"a:{KEY_A}\n")
+    from_file = start(str(keys))
+    assert from_file.returncode == 2 and "warning" not in from_file.stderr

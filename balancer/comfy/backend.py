@@ -70,7 +70,9 @@ class BackendStats:
 
 @dataclass
 class Slot:
-    expected: float                 # seconds its prompt should run, from the scheduler's estimate
+    alias: str
+    warm: bool                      # its models were expected loaded by the time it runs
+    expected: float                 # seconds its prompt should run, as estimated when it was sent
     started: float | None = None    # time.monotonic() of its execution_start
 
 
@@ -116,9 +118,9 @@ class Backend:
     def load(self) -> int:
         return len(self._slots)
 
-    def take_slot(self, job_id: str, expected: float = 0.0) -> None:
-        """A prompt expected to run for `expected` seconds once started is sent here."""
-        self._slots[job_id] = Slot(expected)
+    def take_slot(self, job_id: str, alias: str = "", warm: bool = True, expected: float = 0.0) -> None:
+        """A prompt of workflow `alias`, expected to run `expected` seconds once started, is sent here."""
+        self._slots[job_id] = Slot(alias, warm, expected)
 
     def slot_started(self, job_id: str, when: float) -> None:
         slot = self._slots.get(job_id)
@@ -128,12 +130,15 @@ class Backend:
     def release_slot(self, job_id: str) -> None:
         self._slots.pop(job_id, None)
 
-    def backlog(self, now: float) -> float:
+    def backlog(self, now: float, run_time=None) -> float:
         """Seconds of expected work still ahead of this backend's GPU (time.monotonic() `now`):
-        the rest of what runs, and all of what waits in its queue."""
+        the rest of what runs, and all of what waits in its queue. `run_time(alias, backend,
+        warm)` estimates with what is known now (affinity.Estimator.run_time); without it, the
+        estimates made when the prompts were sent."""
         total = 0.0
         for slot in self._slots.values():
-            total += slot.expected if slot.started is None else max(slot.expected - (now - slot.started), 0.0)
+            expected = slot.expected if run_time is None else run_time(slot.alias, self, slot.warm)
+            total += expected if slot.started is None else max(expected - (now - slot.started), 0.0)
         return total
 
     def mean_duration(self, alias: str) -> float | None:
