@@ -120,21 +120,26 @@ class Estimator:
     def run_time(self, alias: str, backend, warm: bool) -> float:
         """The run without its loads: this backend's, else the farm's, warm or cold (the other
         kind when only that was seen), else a guess."""
-        for source, kind in ((backend.gpu.mean, warm), (backend.gpu.mean, not warm),
-                             (self._farm_mean, warm), (self._farm_mean, not warm)):
-            seconds = source(alias, kind)
-            if seconds is not None:
-                return seconds
-        return DEFAULT_RUN_SECONDS
+        seconds = backend.gpu.mean(alias, warm)
+        if seconds is None:
+            seconds = backend.gpu.mean(alias, not warm)
+        if seconds is None:
+            seconds = self._farm_mean(alias, warm)
+        if seconds is None:
+            seconds = self._farm_mean(alias, not warm)
+        return DEFAULT_RUN_SECONDS if seconds is None else seconds
 
     def load_time(self, backend, model: str) -> float:
         """Loading `model` there: its own loads of that file, else the farm's of that file, else
         its loads of any file, else the farm's; 0 while no load was ever seen."""
-        for seconds in (backend.gpu.load_mean(model), self._farm_load(model), backend.gpu.load_mean(),
-                        self._farm_load(None)):
-            if seconds is not None:
-                return seconds
-        return 0.0
+        seconds = backend.gpu.load_mean(model)
+        if seconds is None:
+            seconds = self._farm_load(model)
+        if seconds is None:
+            seconds = backend.gpu.load_mean()
+        if seconds is None:
+            seconds = self._farm_load(None)
+        return 0.0 if seconds is None else seconds
 
     def _farm_load(self, model: str | None) -> float | None:
         key = ("load", model)

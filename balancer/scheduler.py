@@ -147,7 +147,7 @@ class Scheduler:
                 if not can_run(job, backend):
                     continue
                 before = planned.get(index, ())
-                held = held_after(backend, before) if job.models else ()
+                held = (held_after(backend, before) if before else backend.gpu.models) if job.models else ()
                 cold = job.models.difference(held)
                 run = estimate.expected(backend, job.alias, cold)
                 key = (ready[index] + run + self._eviction_cost(estimate, backend, before, held, cold, job, wanted),
@@ -177,7 +177,7 @@ class Scheduler:
     def _eviction_cost(estimate, backend, planned: list, held, cold, job, wanted: Counter) -> float:
         """Loading `cold` there pushes the oldest of `held` out of its GPU: the reload of each
         pushed-out model that other jobs near the front of the queue want."""
-        if not cold:
+        if not cold or not any(wanted[m] > 0 for m in held if m not in job.models):
             return 0.0
         pushed = set(held).difference(held_after(backend, [*planned, job.models]))
         return sum(estimate.load_time(backend, m) for m in pushed if wanted[m] > 0)
