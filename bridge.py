@@ -224,7 +224,7 @@ def demo_banner(settings: Settings, port: int) -> str:
                      "(set HOST=0.0.0.0 and BRIDGE_API_KEY to share it).")
     else:
         lines.append(f"Listening on {host or 'every address'}: other machines on the network can reach it"
-                     + (", and it asks for BRIDGE_API_KEY." if settings.bridge_api_key else
+                     + (", and it asks for BRIDGE_API_KEY." if settings.api_keys else
                         " and use it WITHOUT A KEY (POST /free included); set BRIDGE_API_KEY."))
     return "\n".join(lines)
 
@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if "BRIDGE_API_KEY" in overrides:
         print("bridge: warning: --bridge-api-key is visible to other users of this machine (ps, "
               "/proc/<pid>/cmdline); prefer BRIDGE_API_KEY in the environment or in .env", file=sys.stderr)
+    if "BRIDGE_API_KEYS" in overrides and not Path(overrides["BRIDGE_API_KEYS"]).expanduser().is_file():
+        print("bridge: warning: keys given inline to --bridge-api-keys are visible to other users of this "
+              "machine; prefer --bridge-api-keys FILE (name:key lines)", file=sys.stderr)
     if args.demo:
         overrides.setdefault("COMFYUI_SERVERS", "127.0.0.1:1")  # replaced by the simulators
         if setting_source("HOST", overrides, os.environ, args.env_file) is None:
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"bridge: bad setting: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.logging_level, settings.bridge_api_key)
+    configure_logging(settings.logging_level, list(settings.api_keys.values()))
     # Before anything starts: the data folder is ours, and so is the port.
     try:
         lock = DataDirLock(settings.data_dir).acquire()

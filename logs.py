@@ -131,9 +131,12 @@ def log_job_event(event: str, job, backend, detail: dict) -> None:
 class SecretFilter(logging.Filter):
     """Last line of defence on the log handler: keys in any record's text become ***."""
 
-    def __init__(self, api_key: str | None = None):
+    def __init__(self, api_key=None):
+        """`api_key`: one key, or several (BRIDGE_API_KEYS); None or empty: none."""
         super().__init__()
-        self.api_key = api_key or None
+        keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
+        # Longest first: a key inside another must not leave the rest of the longer one behind.
+        self.keys = sorted((k for k in keys if k), key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -141,14 +144,14 @@ class SecretFilter(logging.Filter):
         except Exception:  # noqa: BLE001 - a broken record is logging's business, not ours
             return True
         clean = scrub(text)
-        if self.api_key:
-            clean = clean.replace(self.api_key, "***")
+        for key in self.keys:
+            clean = clean.replace(key, "***")
         if clean != text:
             record.msg, record.args = clean, None
         return True
 
 
-def configure_logging(level: str, api_key: str | None = None) -> logging.Handler:
+def configure_logging(level: str, api_key=None) -> logging.Handler:
     """LOGGING_LEVEL for the whole process, one line per record on stderr, secrets scrubbed."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "bridge_handler", False)]:

@@ -117,6 +117,49 @@ def _webhook_secret(raw: str) -> str:
     return secret
 
 
+def _api_keys(raw: str) -> tuple[tuple[str, str], ...]:
+    """BRIDGE_API_KEYS: (tenant, key) pairs from `name:key` entries, one a line in a file (blank
+    lines and # comments allowed) or comma-separated inline. Its errors never show a key."""
+    text = raw.strip()
+    if not text:
+        return ()
+    path = Path(text).expanduser()
+    if ":" in text and not path.is_file():
+        entries = [(f"entry {n}", part) for n, part in enumerate(text.split(","), 1)]
+    else:
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            # The value is not shown: it might be a key given without its name.
+            raise SettingsError(f"BRIDGE_API_KEYS: not a readable file ({why}) and not a list of name:key") from None
+        entries = [(f"line {n} of {text}", line) for n, line in enumerate(content.splitlines(), 1)]
+    from balancer.jobs import TENANT_NAME
+    pairs: list[tuple[str, str]] = []
+    names: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for where, entry in entries:
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, colon, key = (part.strip() for part in entry.partition(":"))
+        if not colon:
+            raise SettingsError(f"BRIDGE_API_KEYS: {where} is not name:key")
+        if not TENANT_NAME.fullmatch(name):
+            raise SettingsError(f"BRIDGE_API_KEYS: {where}: tenant name {name[:64]!r} is invalid "
+                                "(use 1 to 64 of A-Z a-z 0-9 . _ -)")
+        if not key:
+            raise SettingsError(f"BRIDGE_API_KEYS: {where}: tenant '{name}' has no key (name:key)")
+        if name in names:
+            raise SettingsError(f"BRIDGE_API_KEYS: {where}: tenant '{name}' is listed twice ({names[name]})")
+        if key in keys:
+            raise SettingsError(f"BRIDGE_API_KEYS: {where}: tenant '{name}' has the same key as {keys[key]}; "
+                                "each tenant needs its own")
+        names[name], keys[key] = where, f"{where} (tenant '{name}')"
+        pairs.append((name, key))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Option:
     key: str
@@ -164,7 +207,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("BODY_TIMEOUT", "60", _positive_float,
            "seconds a client may be silent in the middle of a request's body (an upload "
            "included) before it is dropped; no limit on the body's total time"),
-    Option("BRIDGE_API_KEY", "", _text, "when set, clients must send this key"),
+    Option("BRIDGE_API_KEY", "", _text, "when set, clients must send this key (or one of BRIDGE_API_KEYS); "
+           "its clients are the tenant 'default'"),
+    Option("BRIDGE_API_KEYS", "", _api_keys,
+           "tenants: a file of name:key lines, or an inline comma-separated name:key list; each key's "
+           "clients are that tenant, and free slots go round-robin between tenants with waiting jobs"),
+    Option("TENANT_MAX_RUNNING", "0", _non_negative_int,
+           "jobs one tenant may run at once; its other jobs wait while others' run (0 = no limit)"),
+    Option("TENANT_MAX_QUEUED", "0", _non_negative_int,
+           "jobs one tenant may have waiting; past it generate answers 429 (0 = no limit)"),
     Option("CORS_ORIGINS", "", _origins, "comma-separated browser origins allowed (CORS)"),
     Option("INPUT_URL_ALLOWED_HOSTS", "", _host_patterns,
            "comma-separated host patterns (fnmatch; host:port to match the port) file inputs given by "
@@ -210,6 +261,9 @@ class Settings:
     header_timeout: float
     body_timeout: float
     bridge_api_key: str = field(repr=False)
+    bridge_api_keys: tuple[tuple[str, str], ...] = field(repr=False)
+    tenant_max_running: int
+    tenant_max_queued: int
     cors_origins: tuple[str, ...]
     input_url_allowed_hosts: tuple[str, ...]
     webhook_secret: str = field(repr=False)
@@ -218,6 +272,20 @@ class Settings:
     webhook_inline_max: int
     webhook_retry_for: float
     webhook_timeout: float
+
+    @property
+    def api_keys(self) -> dict[str, str]:
+        """Tenant name -> its key: BRIDGE_API_KEY's is 'default'. Empty: no key is asked for."""
+        from balancer.jobs import DEFAULT_TENANT
+        keys = {DEFAULT_TENANT: self.bridge_api_key} if self.bridge_api_key else {}
+        keys.update(self.bridge_api_keys)
+        return keys
+
+    @property
+    def tenants(self) -> tuple[str, ...]:
+        """The tenants clients can be: one per key, or 'default' alone when no key is asked for."""
+        from balancer.jobs import DEFAULT_TENANT
+        return tuple(self.api_keys) or (DEFAULT_TENANT,)
 
     @property
     def upload_max_bytes(self) -> int:
@@ -259,6 +327,8 @@ def load_settings(
     for opt in OPTIONS:
         try:
             values[opt.key.lower()] = opt.parse(raw[opt.key])
+        except SettingsError:
+            raise  # its own message, which must not show the value (keys)
         except (ValueError, TypeError) as exc:
             reason = str(exc) or "invalid value"
             if opt.parse in (int, _port, _positive_int, _non_negative_int) and "invalid literal" in reason:
@@ -268,6 +338,7 @@ def load_settings(
             raise SettingsError(f"{opt.key}: {raw[opt.key]!r} is invalid ({reason})") from None
     if not values["comfyui_servers"]:
         raise SettingsError("COMFYUI_SERVERS: '' is invalid (list at least one host:port)")
+    _check_keys_apart(values["bridge_api_key"], values["bridge_api_keys"])
     if values["webhook_url"] and not values["webhook_secret"]:
         raise SettingsError("WEBHOOK_URL: set WEBHOOK_SECRET too (webhooks are signed)")
     if not str(raw["CURRENT_STATE"]).strip():
@@ -276,6 +347,20 @@ def load_settings(
     if check_paths:
         check_paths_usable(settings)
     return settings
+
+
+def _check_keys_apart(single: str, pairs: tuple[tuple[str, str], ...]) -> None:
+    """BRIDGE_API_KEY is the tenant 'default': no tenant of BRIDGE_API_KEYS may be it too."""
+    from balancer.jobs import DEFAULT_TENANT
+    if not single:
+        return
+    for name, key in pairs:
+        if name == DEFAULT_TENANT:
+            raise SettingsError(f"BRIDGE_API_KEYS: tenant '{DEFAULT_TENANT}' is BRIDGE_API_KEY's; "
+                                "name it otherwise or leave BRIDGE_API_KEY empty")
+        if key == single:
+            raise SettingsError(f"BRIDGE_API_KEYS: tenant '{name}' has the same key as BRIDGE_API_KEY; "
+                                "each tenant needs its own")
 
 
 def setting_source(key: str, overrides: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
@@ -308,7 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--key-name` flag per option; values given there override the environment."""
     for opt in OPTIONS:
         default = opt.default or "(empty)"
-        if opt.key in ("BRIDGE_API_KEY", "WEBHOOK_SECRET"):
+        if opt.key in ("BRIDGE_API_KEY", "BRIDGE_API_KEYS", "WEBHOOK_SECRET"):
             default = "(none)"
         parser.add_argument(
             "--" + opt.key.lower().replace("_", "-"), dest=opt.key, metavar=opt.key,

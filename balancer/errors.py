@@ -40,5 +40,14 @@ class Busy(Exception):
         self.retry_after = retry_after
 
 
+class TenantBusy(Busy):
+    """One tenant has as many jobs waiting as it may (TENANT_MAX_QUEUED); others may still queue."""
+
+    def __init__(self, tenant: str, waiting: int, limit: int, retry_after: int):
+        super().__init__(f"tenant '{tenant}' has {waiting} jobs waiting, its limit (TENANT_MAX_QUEUED={limit}); "
+                         "retry later", retry_after)
+        self.tenant = tenant
+
+
 class JobFailed(Refused):
     """The clientId's job ended in error; str(self) is its reason."""

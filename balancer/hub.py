@@ -21,6 +21,7 @@ from tornado.ioloop import PeriodicCallback
 
 class StatusSink(Protocol):
     last_sent: float
+    tenant: str       # whose socket it is: its clientId is that tenant's while it is open
 
     def send_status(self, message: dict, final: bool) -> None: ...
     def send_heartbeat(self) -> None: ...
@@ -68,6 +69,11 @@ class StatusHub:
 
     def connected(self, client_id: str) -> bool:
         return client_id in self._sinks
+
+    def owner(self, client_id: str) -> str | None:
+        """The tenant of the clientId's socket, None without one."""
+        sink = self._sinks.get(client_id)
+        return None if sink is None else sink.tenant
 
     def publish(self, client_id: str, message: dict, final: bool = False) -> bool:
         """Send to the client's socket; True when one was there to take it."""

@@ -18,6 +18,11 @@ LISTENING_DETAIL = "server is listening"
 INTERRUPTED = "interrupted"
 # What a clientId may be (fullmatch: "$" would let a trailing newline in).
 CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Who a job belongs to: the name its API key has (BRIDGE_API_KEYS); everyone without keys, and
+# the single BRIDGE_API_KEY, is DEFAULT_TENANT.
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEFAULT_TENANT = "default"
+PRIORITY_RANGE = (-100, 100)   # generate's `priority`: orders one tenant's own jobs, higher first
 
 
 def status_message(status: str, detail: str, **extra) -> dict:
@@ -46,6 +51,8 @@ class Job:
     class_types: frozenset[str]
     allowed_backends: tuple[str, ...] | None = None
     webhook: str | None = None      # where the job's end is posted (balancer/webhooks.py)
+    tenant: str = DEFAULT_TENANT
+    priority: int = 0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
@@ -93,6 +100,7 @@ class Job:
             "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size}
                         for r in self.results],
             "error": self.error, "finished_at": self.finished_at, "webhook": self.webhook,
+            "tenant": self.tenant, "priority": self.priority,
         }
 
     @classmethod
@@ -109,7 +117,9 @@ class Job:
             percent=record.get("percent", 0.0),
             results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"])
                      for r in record.get("results", ())],
-            error=record.get("error", ""), finished_at=record.get("finished_at"), webhook=record.get("webhook"))
+            error=record.get("error", ""), finished_at=record.get("finished_at"), webhook=record.get("webhook"),
+            # Records written before tenants and priorities existed: the default ones.
+            tenant=record.get("tenant", DEFAULT_TENANT), priority=record.get("priority", 0))
 
     def status(self, queue_position: int | None = None, waiting_for: str | None = None) -> dict:
         """The job's state in the words of the websocket and /execution-info; a queued job

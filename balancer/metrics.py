@@ -211,7 +211,7 @@ class _StateCollector(Collector):
 
     def collect(self):
         service = self.service
-        queue = list(service.queue)
+        queue = list(service.queue.every_job())
         yield GaugeMetricFamily("bridge_queue_length", "Jobs waiting in the bridge's queue.",
                                 value=len(queue))
         now = time.time()
@@ -228,6 +228,15 @@ class _StateCollector(Collector):
         for name, count in counts.items():
             states.add_metric([name], count)
         yield states
+
+        queued = GaugeMetricFamily("bridge_tenant_queued_jobs", "Jobs of the tenant (API key name) waiting "
+                                   "in the bridge's queue.", labels=["tenant"])
+        running = GaugeMetricFamily("bridge_tenant_running_jobs", "Jobs of the tenant running on a backend.",
+                                    labels=["tenant"])
+        for tenant, counts in service.tenant_counts().items():
+            queued.add_metric([tenant], counts["queued"])
+            running.add_metric([tenant], counts["running"])
+        yield from (queued, running)
 
         up = GaugeMetricFamily("bridge_backend_up", "1 when the backend answers and takes jobs, else 0.",
                                labels=["backend"])

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from logs import log_job_event
 from .comfy import api
 from .comfy.backend import Backend
-from .errors import Busy, JobFailed, Refused, ResultsWaiting, UnknownClient
+from .errors import Busy, JobFailed, Refused, ResultsWaiting, TenantBusy, UnknownClient
 from .hub import StatusHub
 from .intake import JobIntake
 from .queue import JobQueue
-from .jobs import CONNECTED_DETAIL, INTERRUPTED, Job, JobState, StopReason, status_message
+from .jobs import CONNECTED_DETAIL, DEFAULT_TENANT, INTERRUPTED, Job, JobState, StopReason, status_message
 from .restore import plan_restore
 from .run import Ending, Outcome, PromptRun
 from .scheduler import Placement, Scheduler, can_run, given_up, waiting_reason
@@ -31,6 +31,7 @@ from .snapshot import service_snapshot
 
 log = logging.getLogger("bridge.jobs")
 RESUME_WAIT = 10.0   # seconds a restored job waits for its backend to come back
+RETRY_AFTER = 5      # seconds a client refused for a full queue (or its tenant's) is told to wait
 
 
 @dataclass
@@ -53,7 +54,9 @@ class JobService:
         self.intake = JobIntake(catalog, uploads, settings.workflow_dir)
         self.scheduler = Scheduler(settings.max_inflight_per_server)
         self.jobs: dict[str, Job] = {}
-        self.queue = JobQueue()
+        self._running: dict[str, set[Job]] = {}   # tenant -> its jobs in state RUNNING (_count_running)
+        # Fair shares between tenants live in the queue's order (balancer/queue.py).
+        self.queue = JobQueue(settings.tenant_max_running, self.running_of)
         self.backends = [
             Backend(address, request_timeout=settings.backend_timeout, health_interval=settings.health_check_interval,
                     on_up=self._backend_up, on_down=self._backend_down, models_kept=settings.models_kept_per_server)
@@ -92,6 +95,7 @@ class JobService:
         for job in plan.queue:
             self.queue.append(job)
         for job in plan.resume:
+            self._count_running(job)
             job.dispatched_at = time.monotonic()
             job.backend.take_slot(job.id, job.alias)
             job.task = self._spawn(self._run(job, job.backend, resume=True))
@@ -107,22 +111,30 @@ class JobService:
         return task
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, client_id: str, alias: str, values: dict, webhook=None) -> int:
+    async def submit(self, client_id: str, alias: str, values: dict, webhook=None,
+                     tenant: str = DEFAULT_TENANT, priority: int = 0) -> int:
         """Queue a job; returns its place in the queue once the job is on disk. `webhook`: a URL
-        the job's end is posted to (else WEBHOOK_URL, if set)."""
+        the job's end is posted to (else WEBHOOK_URL, if set); `tenant`: whose job it is (its
+        API key's name); `priority`: its order among the tenant's own jobs (higher first)."""
         if webhook is not None:  # first: it may await DNS, and what follows must not be stale
             if self.webhooks is None:
                 raise Refused("webhook: this bridge sends no webhooks")
             webhook = await self.webhooks.check(webhook)
-        current = self.check_can_submit(client_id)
+        current = self.check_can_submit(client_id, tenant)
         job = self.intake.build(client_id, alias, values, self.backends)
         job.webhook = webhook or self.settings.webhook_url or None
+        job.tenant, job.priority = tenant, priority
         if current is not None:
             self._forget(current)
         self.jobs[client_id] = job
         self.queue.append(job)
-        position = len(self.queue)
-        saved = self._transition(job, "queued", queue=position)
+        position = self.queue.position(job)
+        facts = {"queue": position}
+        if tenant != DEFAULT_TENANT:  # whose job and its priority, in its log line, when not the defaults
+            facts["tenant"] = tenant
+        if priority:
+            facts["priority"] = priority
+        saved = self._transition(job, "queued", **facts)
         self._schedule_pump()
         waiting = self.waiting_for(job)
         if waiting is not None:  # its socket (if open) learns why nothing happens
@@ -130,31 +142,47 @@ class JobService:
         await saved
         return position
 
-    def check_can_submit(self, client_id: str) -> Job | None:
+    def check_can_submit(self, client_id: str, tenant: str = DEFAULT_TENANT) -> Job | None:
         """What `submit` refuses before it looks at the request's values (a clientId with a job
-        still going or results waiting, a full queue); the clientId's current job otherwise.
-        Also called before work a refusal would waste (fetching inputs given by URL)."""
+        still going or results waiting, or another tenant's; a full queue); the clientId's
+        current job otherwise. Also called before work a refusal would waste (fetching inputs
+        given by URL)."""
+        if self.holder(client_id) not in (None, tenant):
+            # Said as for any clientId taken: nothing of the other tenant or its job.
+            raise Refused(f"clientId '{client_id}' is in use; use a new clientId (a uuid4 is recommended)")
         current = self.jobs.get(client_id)
         if current is not None and current.active:
             raise Refused(f"clientId '{client_id}' already has a job {current.state.value}; "
                           "wait for it to end or interrupt it")
         if current is not None and current.state is JobState.DONE:
             raise ResultsWaiting(client_id)
-        self._check_room()
+        self._check_room(tenant)
         return current
 
-    def refuse_if_full(self, client_id: str) -> None:
-        """Busy when `submit` would answer so, before the request's body is read: the queue is
-        full and the clientId has no job of its own (whose refusal, a 400, comes first)."""
+    def refuse_if_full(self, client_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        """Busy when `submit` would answer so, before the request's body is read: the queue (or
+        the tenant's share of it) is full and the clientId has no job (whose refusal, a 400,
+        comes first)."""
         if client_id not in self.jobs:
-            self._check_room()
+            self._check_room(tenant)
 
-    def _check_room(self) -> None:
+    def _check_room(self, tenant: str) -> None:
         if len(self.queue) >= self.settings.max_queue:
-            raise Busy(f"the queue is full ({len(self.queue)} jobs waiting); retry later", retry_after=5)
+            raise Busy(f"the queue is full ({len(self.queue)} jobs waiting); retry later", retry_after=RETRY_AFTER)
+        limit, waiting = self.settings.tenant_max_queued, self.queue.waiting_of(tenant)
+        if limit and waiting >= limit:
+            raise TenantBusy(tenant, waiting, limit, retry_after=RETRY_AFTER)
 
-    def get(self, client_id: str) -> Job | None:
-        return self.jobs.get(client_id)
+    def get(self, client_id: str, tenant: str | None = None) -> Job | None:
+        """The clientId's job; with `tenant`, only if it is that tenant's."""
+        job = self.jobs.get(client_id)
+        return job if job is not None and tenant in (None, job.tenant) else None
+
+    def holder(self, client_id: str) -> str | None:
+        """The tenant a clientId belongs to while it has a job or an open socket, else None. To
+        another tenant that clientId is as unknown as one never used, and it cannot take it."""
+        job = self.jobs.get(client_id)
+        return job.tenant if job is not None else self.hub.owner(client_id)
 
     def status(self, job: Job) -> dict:
         if job.state is not JobState.QUEUED:
@@ -169,22 +197,21 @@ class JobService:
         limit = self.settings.queue_timeout
         if not limit or all(b.up for b in self.backends):
             return
-        for job in [j for j in self.queue if given_up(j, self.backends, now, limit)]:
+        for job in [j for j in self.queue.every_job() if given_up(j, self.backends, now, limit)]:
             self.queue.remove(job)
             self._fail(job, f"{self.waiting_for(job)}; gave up after {limit:g}s", queue_timeout=True)
 
-    def status_of(self, client_id: str) -> dict:
+    def status_of(self, client_id: str, tenant: str = DEFAULT_TENANT) -> dict:
         """The client's job status; `connected` for a socket that has not generated yet."""
+        if self.holder(client_id) != tenant:
+            raise UnknownClient(client_id)
         job = self.jobs.get(client_id)
-        if job is not None:
-            return self.status(job)
-        if self.hub.connected(client_id):
-            return status_message("connected", CONNECTED_DETAIL)
-        raise UnknownClient(client_id)
+        return self.status(job) if job is not None else status_message("connected", CONNECTED_DETAIL)
 
-    def cancel(self, client_id: str, reason: str = INTERRUPTED) -> bool:
-        """Cancel the client's queued or running job; False if there was none to cancel."""
-        job = self.jobs.get(client_id)
+    def cancel(self, client_id: str, reason: str = INTERRUPTED, tenant: str | None = None) -> bool:
+        """Cancel the client's queued or running job (with `tenant`: only that tenant's); False if
+        there was none to cancel."""
+        job = self.get(client_id, tenant)
         if job is None or not job.active or self._closing:
             return False  # (shutting down: jobs are kept for the restart, not cancelled)
         self._transition(job, "cancelled", was=job.state.value)
@@ -202,16 +229,16 @@ class JobService:
         self._schedule_pump()
         return True
 
-    def interrupt(self, client_id: str) -> None:
+    def interrupt(self, client_id: str, tenant: str = DEFAULT_TENANT) -> None:
         """POST /interrupt: cancel the job if it still waits or runs; an ended one is left as is."""
-        if client_id not in self.jobs:
+        if self.get(client_id, tenant) is None:
             raise UnknownClient(client_id)
-        self.cancel(client_id)
+        self.cancel(client_id, tenant=tenant)
 
-    def history(self, client_id: str) -> Job | None:
+    def history(self, client_id: str, tenant: str = DEFAULT_TENANT) -> Job | None:
         """The client's finished job with its results, or None while it waits or runs. A job
         that failed is reported once (JobFailed) and forgotten."""
-        job = self.jobs.get(client_id)
+        job = self.get(client_id, tenant)
         if job is None:
             raise UnknownClient(client_id)
         if job.state is JobState.ERROR:
@@ -249,12 +276,12 @@ class JobService:
         else:
             self.counters["history_broken"] += 1
 
-    async def free(self, client_id: str | None) -> None:
+    async def free(self, client_id: str | None, tenant: str = DEFAULT_TENANT) -> None:
         """Ask every backend that is up, or the one that ran the client's job, to free memory."""
         if client_id is None:
             targets = [b for b in self.backends if b.up]
         else:
-            job = self.jobs.get(client_id)
+            job = self.get(client_id, tenant)
             if job is None:
                 raise UnknownClient(client_id)
             backend = job.backend or job.last_backend
@@ -489,9 +516,35 @@ class JobService:
         returned future resolves once it is written."""
         if job.dispatched_at is not None and event in ("failed", "cancelled") and "duration" not in detail:
             detail["duration"] = time.monotonic() - job.dispatched_at
+        self._count_running(job)
         for observer in self.observers:
             observer(event, job, backend, detail)
         return self.store.save(job.client_id, job.to_record(), count) if persist else None
+
+    # ------------------------------------------------------------------ tenants
+    def running_of(self, tenant: str) -> int:
+        """The tenant's jobs running now (what TENANT_MAX_RUNNING limits)."""
+        return len(self._running.get(tenant, ()))
+
+    def tenant_counts(self) -> dict[str, dict[str, int]]:
+        """Queued and running jobs per tenant: the configured tenants and any that has jobs."""
+        waiting = self.queue.waiting_by_tenant()
+        names = dict.fromkeys([*self.settings.tenants, *sorted(set(waiting) | set(self._running))])
+        return {name: {"queued": waiting.get(name, 0), "running": self.running_of(name)} for name in names}
+
+    def _count_running(self, job: Job) -> None:
+        """Keep the running jobs per tenant in step with the job's state (called on every
+        transition). A job that starts running was its tenant's turn: the queue's round-robin
+        goes on after that tenant."""
+        running = self._running.setdefault(job.tenant, set())
+        if job.state is JobState.RUNNING:
+            if job not in running:
+                running.add(job)
+                self.queue.served(job.tenant)
+        else:
+            running.discard(job)
+            if not running:
+                del self._running[job.tenant]
 
     def _forget(self, job: Job) -> None:
         if self.jobs.get(job.client_id) is job:

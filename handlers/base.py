@@ -9,8 +9,8 @@ import ujson
 from tornado import web
 from tornado.log import app_log, gen_log
 
-from balancer.errors import Busy, FileNotUploaded, Refused, ResultsWaiting, UnknownClient
-from balancer.jobs import CLIENT_ID
+from balancer.errors import Busy, FileNotUploaded, Refused, ResultsWaiting, TenantBusy, UnknownClient
+from balancer.jobs import CLIENT_ID, DEFAULT_TENANT
 from logs import one_line, request_summary, scrub
 
 log = logging.getLogger("bridge.http")
@@ -85,6 +85,8 @@ def http_error(exc: BaseException) -> ApiError | None:
                              "upload it with POST /upload and pass the saved name")
     if isinstance(exc, Refused):
         return ApiError(400, str(exc))
+    if isinstance(exc, TenantBusy):  # the bridge has room; this tenant has its share waiting
+        return ApiError(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, Busy):
         return ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     return None
@@ -104,16 +106,25 @@ def write_detail(handler: web.RequestHandler, status: int, detail: str, headers:
     handler.finish(detail_body(detail))
 
 
-def api_key_matches(settings, headers, query_token: str | None = None) -> bool:
-    key = settings.bridge_api_key
-    if not key:
-        return True
+def tenant_of_key(settings, headers, query_token: str | None = None) -> str | None:
+    """The tenant whose key the request offers (Bearer, X-API-Key or ?token=); DEFAULT_TENANT
+    when no key is asked for; None for a missing or wrong key."""
+    keys = settings.api_keys
+    if not keys:
+        return DEFAULT_TENANT
     offered = None
     auth = headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         offered = auth[7:].strip()
     offered = offered or headers.get("X-API-Key") or query_token
-    return offered is not None and hmac.compare_digest(offered.encode(), key.encode())
+    if offered is None:
+        return None
+    # Each comparison in constant time, and every key compared: no early exit tells which one matched.
+    found = None
+    for tenant, key in keys.items():
+        if hmac.compare_digest(offered.encode(), key.encode()):
+            found = tenant
+    return found
 
 
 def parse_client_id(value: str | None, required: bool) -> str | None:
@@ -132,6 +143,7 @@ class AccessMixin:
     """Auth and CORS, shared by the JSON handlers and the websocket handler."""
 
     public = False  # True for /healthz and the static page
+    tenant = DEFAULT_TENANT  # whose request it is: the name of its API key (check_access)
     busy_refusal = False  # answered "retry later" (Busy): logged as a rate, not a line each
 
     @property
@@ -185,9 +197,13 @@ class AccessMixin:
             app_log.error("Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
 
     def check_access(self, query_token: str | None = None) -> None:
-        if not self.public and not api_key_matches(self.config, self.request.headers, query_token):
+        if self.public:
+            return
+        tenant = tenant_of_key(self.config, self.request.headers, query_token)
+        if tenant is None:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
+        self.tenant = tenant
 
     def client_id(self, required: bool = True) -> str | None:
         return parse_client_id(self.get_query_argument("clientId", None), required)

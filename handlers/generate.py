@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from balancer.jobs import status_message
+from balancer.errors import Busy
+from balancer.jobs import PRIORITY_RANGE, status_message
 from balancer.progress import format_percent
 
 from .base import ApiError, JsonHandler, http_error
@@ -34,6 +35,16 @@ def parse_wait(raw: str | None) -> float | None:
     return value
 
 
+def parse_priority(value) -> int:
+    """The body's `priority` (0 when absent): an integer in PRIORITY_RANGE; null, a bool or 1.0
+    is not one."""
+    low, high = PRIORITY_RANGE
+    if type(value) is not int or not low <= value <= high:
+        raise ApiError(400, f"field 'priority' must be an integer from {low} to {high} (higher runs first "
+                            "among your own jobs); default 0")
+    return value
+
+
 class GenerateHandler(HistoryAnswer, JsonHandler):
     _held = None      # the job this request waits for (wait=)
     _gone = False     # the client closed the connection
@@ -44,7 +55,7 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
             # A full queue is answered before the body is read or parsed: under a flood of
             # submissions that is most requests, and the loop belongs to the accepted jobs.
             # (connections.py drains or closes what the client still sends.)
-            self.service.refuse_if_full(self.client_id())
+            self.service.refuse_if_full(self.client_id(), self.tenant)
 
     async def post(self) -> None:
         client_id = self.client_id()
@@ -56,17 +67,19 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
                 raise ApiError(400, "field 'workflow' is required: the alias of a workflow (see GET /workflow-list)")
             # Options are top-level keys without a '/' (inputs always have one).
             webhook = body.pop("webhook", None)
+            priority = parse_priority(body.pop("priority", 0))
             # File inputs by URL or inline become stored uploads first: the core sees uploads only.
             # A refusal that does not depend on them comes before the fetches it would waste.
-            self.service.check_can_submit(client_id)
+            self.service.check_can_submit(client_id, self.tenant)
             await self.application.settings["remote_inputs"].resolve(alias, body)
-            position = await self.service.submit(client_id, alias, body, webhook=webhook)
+            position = await self.service.submit(client_id, alias, body, webhook=webhook, tenant=self.tenant,
+                                                 priority=priority)
         except Exception as exc:
             self._tell_socket(client_id, exc)
             raise
         if wait is None:
             return self.write_json({"detail": f"queued / {position}"})
-        job = self._held = self.service.get(client_id)
+        job = self._held = self.service.get(client_id, self.tenant)
         if self._gone:  # it left while its inputs were fetched or its job written
             return self._cancel_held()
         ended = await self.service.wait_for_end(job, wait)
@@ -84,16 +97,19 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
 
     def _cancel_held(self) -> None:
         job, self._held = self._held, None
-        if job is not None and self.service.get(job.client_id) is job:
+        if job is not None and self.service.get(job.client_id, self.tenant) is job:
             self.service.cancel(job.client_id, WAIT_GONE)  # nobody is left to take the result
 
     def _tell_socket(self, client_id: str, exc: Exception) -> None:
         """A refused generate also reaches the clientId's open socket (`error`, then close):
         a client waiting there for its job would otherwise wait for ever. Not when that
-        clientId still has a job: the socket is that job's."""
+        clientId still has a job: the socket is that job's. Not for "retry later" (Busy), nor to
+        another tenant's socket."""
         error = http_error(exc)
+        if error is None or isinstance(exc, Busy) or self.service.holder(client_id) not in (None, self.tenant):
+            return
         job = self.service.get(client_id)
-        if error is not None and error.status_code < 500 and (job is None or not job.active):
+        if error.status_code < 500 and (job is None or not job.active):
             self.hub.publish(client_id, status_message("error", error.detail), final=True)
 
 

@@ -29,7 +29,7 @@ class HistoryAnswer:
 
     async def answer_history(self, client_id: str) -> None:
         try:
-            job = self.service.history(client_id)  # a failed job: JobFailed, a 400 with its reason
+            job = self.service.history(client_id, self.tenant)  # a failed job: JobFailed, a 400 with its reason
         except UnknownClient:
             return self._no_content(NOT_RECOGNIZED.format(client_id))
         if job is None:

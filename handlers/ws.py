@@ -26,6 +26,7 @@ LISTENING_BYTES = LISTENING_TEXT.encode()
 
 class StatusSocket(AccessMixin, websocket.WebSocketHandler):
     client: str = ""
+    channel: str = ""    # its key in the hub: the clientId, unless another tenant holds that
     last_sent: float = 0.0
     _ending = False      # the server ends this socket (final status sent, or replaced)
 
@@ -47,9 +48,14 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
         # Status frames are small and the client never answers them: with Nagle's algorithm
         # each would wait for the client's delayed ACK (40 ms on Linux).
         self.set_nodelay(True)
-        self.hub.attach(self.client, self)
+        self.channel = self.client
+        if self.service.holder(self.client) not in (None, self.tenant):
+            # Another tenant's clientId: this socket is what an unknown clientId's is (connected,
+            # then heartbeats) and hears nothing of that job, nor replaces its socket.
+            self.channel = f"{self.client} of {self.tenant}"   # never a clientId (no spaces)
+        self.hub.attach(self.channel, self)
         self._send(status_message("connected", CONNECTED_DETAIL))
-        job = self.service.get(self.client)
+        job = self.service.get(self.client, self.tenant)
         if job is not None:
             message = self.service.status(job)
             if job.ended:
@@ -93,9 +99,9 @@ class StatusSocket(AccessMixin, websocket.WebSocketHandler):
     def on_close(self) -> None:
         if not self.client:
             return
-        if self.hub.detach(self.client, self) and not self._ending:
+        if self.hub.detach(self.channel, self) and not self._ending and self.channel == self.client:
             # The client left while its job waits or runs: nobody will take the result.
-            self.service.cancel(self.client, "interrupted: the client closed its websocket")
+            self.service.cancel(self.client, "interrupted: the client closed its websocket", tenant=self.tenant)
 
 
 def _ignore_closed(future) -> None:

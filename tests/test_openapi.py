@@ -13,7 +13,7 @@ from tornado import web
 import handlers
 from comfy_bridge_version import __version__
 from handlers.openapi import DOCUMENT
-from tests.conftest import ROOT, multipart, new_client_id, png_bytes
+from tests.conftest import ROOT, multipart, new_client_id, png_bytes, wait_for
 
 # OPTIONS (CORS preflight) and HEAD (static files) are HTTP mechanics, described in prose.
 UNDOCUMENTED_METHODS = {"options", "head"}
@@ -150,3 +150,26 @@ async def test_real_answers_match_the_schemas(api, spec):
     assert history.code == 200 and history.headers["Content-Type"].startswith("multipart/form-data")
     c.check("/interrupt", "post", await api.fetch(f"/interrupt?clientId={new_client_id()}", "POST"), 400)
     c.check("/status", "get", await api.fetch("/status"))
+
+
+def test_tenant_extensions_are_described(spec):
+    generate = spec["paths"]["/generate-based-workflow"]["post"]
+    assert "Retry-After" in generate["responses"]["429"]["headers"]
+    priority = spec["components"]["schemas"]["GenerateRequest"]["properties"]["priority"]
+    assert (priority["type"], priority["minimum"], priority["maximum"], priority["default"]) == ("integer", -100, 100, 0)
+    assert "tenants" in spec["components"]["schemas"]["Status"]["properties"]
+
+
+async def test_a_429_matches_its_schema(sim, bridge_factory, spec):
+    bridge = await bridge_factory([sim], bridge_api_keys="a:key-a", tenant_max_queued=1, max_inflight_per_server=1)
+    api = bridge.api("key-a")
+    try:
+        saved = await api.upload(png_bytes())
+        await api.generate(new_client_id(), {"workflow": "slow-progress", "1/image": saved, "2/steps": 500})
+        await wait_for(lambda: bridge.service.running_of("a"), 10, what="the first job to run")
+        # The second waits: the tenant's limit.
+        await api.generate(new_client_id(), {"workflow": "slow-progress", "1/image": saved, "2/steps": 501})
+        Checker(spec).check("/generate-based-workflow", "post", await api.fetch(
+            f"/generate-based-workflow?clientId={new_client_id()}", "POST", {"workflow": "invert"}), 429)
+    finally:
+        api.close()

@@ -166,7 +166,7 @@ async def test_a_pooling_client_gets_every_refusal_and_goes_on(full, body_never_
 async def test_a_clientid_with_a_job_is_told_so_before_the_queue_is_full(full):
     """The early refusal keeps the order of the answers: a clientId whose job waits gets its
     400 (one job per clientId), not the 503."""
-    waiting = full.service.queue._jobs[0].client_id
+    waiting = next(iter(full.service.queue)).client_id
     api = full.api()
     response = await api.fetch(f"/generate-based-workflow?clientId={waiting}", "POST", {"workflow": "invert"})
     assert response.code == 400 and "already has a job" in ujson.loads(response.body)["detail"]
