@@ -198,7 +198,8 @@ class PromptRun:
                 return "timeout", {}
             self._deadline_moved = asyncio.get_running_loop().create_future()
             done, _ = await asyncio.wait({self.watch.outcome, self._deadline_moved},
-                                         timeout=min(remaining, HISTORY_POLL_INTERVAL))
+                                         timeout=min(remaining, HISTORY_POLL_INTERVAL),
+                                         return_when=asyncio.FIRST_COMPLETED)
             if self.watch.outcome in done:
                 return self.watch.outcome.result()
             if done:
