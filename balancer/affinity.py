@@ -53,6 +53,8 @@ class GpuBelief:
         self._models: OrderedDict[str, None] = OrderedDict()
         self._runs: dict[tuple[str, bool], deque] = {}
         self._means: dict[tuple[str, bool], float] = {}   # of _runs, kept as they come (read per backend and job)
+        self._recent: deque = deque(maxlen=SAMPLES_KEPT)   # its last runs, any workflow
+        self.typical_run: float | None = None              # their median
         self._loads: dict[str, deque] = {}                 # model file -> seconds its loads took here
         self._load_means: dict[str, float] = {}
 
@@ -82,6 +84,9 @@ class GpuBelief:
         samples = self._runs.setdefault((alias, warm), deque(maxlen=SAMPLES_KEPT))
         samples.append(seconds)
         self._means[(alias, warm)] = sum(samples) / len(samples)
+        self._recent.append(seconds)
+        ordered = sorted(self._recent)
+        self.typical_run = ordered[len(ordered) // 2]
 
     def record_load(self, model: str, seconds: float) -> None:
         samples = self._loads.setdefault(model, deque(maxlen=SAMPLES_KEPT))

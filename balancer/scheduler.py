@@ -22,6 +22,7 @@ then round robin.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -80,6 +81,11 @@ class Placement:
 # Jobs looked at beyond the free slots in one pass, waiting for a busy backend that would end
 # them sooner: enough to see past a few such jobs, bounded so a long queue costs nothing.
 LOOKAHEAD = 16
+# A prompt takes the bridge this long, at most, to send once the one before it on a backend
+# ended (seeing the end, a commit, POST /prompt). A backend whose runs are shorter gets more
+# prompts waiting, so that what waits covers this time and its GPU still never idles.
+REACTION_SECONDS = 0.025
+EXTRA_WAITING_MAX = 4
 # Jobs at the front of the queue whose models count as wanted soon (a cold placement that
 # would evict one of them is charged its reload).
 WANTED_WINDOW = 64
@@ -102,9 +108,17 @@ class Scheduler:
         self.slots_per_backend = slots_per_backend
         self._next = 0  # round-robin start: the backend after the last one chosen
 
-    def free_slots(self, backends: Sequence) -> int:
+    def capacity(self, backend) -> int:
+        """Prompts the backend may hold: `slots_per_backend`, and with pipelining on, enough more
+        to cover REACTION_SECONDS when its runs are shorter than that."""
         limit = self.slots_per_backend
-        return sum(limit - b.load for b in backends if b.up and b.load < limit)
+        typical = backend.gpu.typical_run
+        if limit < 2 or typical is None or typical >= REACTION_SECONDS:
+            return limit
+        return limit + min(EXTRA_WAITING_MAX, math.ceil(REACTION_SECONDS / max(typical, 1e-4)) - 1)
+
+    def free_slots(self, backends: Sequence) -> int:
+        return sum(max(self.capacity(b) - b.load, 0) for b in backends if b.up)
 
     def pick(self, job, backends: Sequence, now: float = 0.0):
         """The backend the job would be sent to now, or None (full or unable)."""
@@ -120,9 +134,9 @@ class Scheduler:
         WANTED_WINDOW jobs ahead, and once a job found no backend with room that may run it,
         passes over the jobs alike in what they may run on (`_constraints`). Each job it looks at
         is compared on every backend up, busy ones too."""
-        limit = self.slots_per_backend
         up = [(i, b) for i, b in enumerate(backends) if b.up]
-        free = sum(limit - b.load for _, b in up if b.load < limit)
+        limit = {i: self.capacity(b) for i, b in up}
+        free = sum(limit[i] - b.load for i, b in up if b.load < limit[i])
         if not free:
             return []  # the common case under load: one pass over the backends, none over the queue
         jobs = iter(queue)
@@ -154,15 +168,15 @@ class Scheduler:
                        bool(cold), load[index], (index - self._next) % count)
                 if best_key is None or key < best_key:
                     best, best_key, best_run, best_cold = index, key, run, cold
-            if best is None or (load[best] >= limit
-                                and not any(load[i] < limit and can_run(job, b) for i, b in up)):
+            if best is None or (load[best] >= limit[best]
+                                and not any(load[i] < limit[i] and can_run(job, b) for i, b in up)):
                 stuck.add(kind)  # none that may run it has room now: none has for a job alike either
                 continue
             budget -= 1
             wanted.subtract(job.models)
             ready[best] += best_run     # committed there, for the jobs behind it, placed or not
             planned.setdefault(best, []).append(job.models)
-            if load[best] < limit:
+            if load[best] < limit[best]:
                 placed.append(Placement(job, backends[best], best_run, best_cold))
                 load[best] += 1
                 self._next = (best + 1) % count

@@ -339,3 +339,17 @@ def test_the_lookahead_stops_a_pass_even_when_every_job_waits_for_a_busy_backend
     assert Scheduler(1).plan((looked.append(j) or j for j in jobs), [busy, idle], 0.0) == []
     from balancer.scheduler import LOOKAHEAD, WANTED_WINDOW
     assert len(looked) == max(1 + LOOKAHEAD, WANTED_WINDOW)    # not the 10,000
+
+
+def test_a_backend_whose_runs_are_shorter_than_the_bridges_reaction_gets_more_waiting():
+    from balancer.scheduler import EXTRA_WAITING_MAX, REACTION_SECONDS
+    tiny, short, normal, fresh = backends(4)
+    learned(tiny, "blank", run=0.001)
+    learned(short, "blank", run=REACTION_SECONDS * 0.6)
+    learned(normal, "blank", run=REACTION_SECONDS * 4)
+    scheduler = Scheduler(2)
+    assert [scheduler.capacity(b) for b in (tiny, short, normal, fresh)] == [2 + EXTRA_WAITING_MAX, 3, 2, 2]
+    assert Scheduler(1).capacity(tiny) == 1          # pipelining off: one prompt at a time, whatever
+    tiny.load = 2
+    plan = scheduler.plan([FakeJob(alias="blank") for _ in range(10)], [tiny], 0.0)
+    assert len(plan) == EXTRA_WAITING_MAX
