@@ -6,8 +6,12 @@ first, as ComfyUI's model management does under memory pressure. After a /free, 
 failure or a restart of the backend, it knows nothing. A job is warm on a backend when every
 model file it loads is among them.
 
-Run times are learned from what was observed, from the prompt's `execution_start` to its end
-(time waiting in ComfyUI's own queue does not count), per backend, workflow and warm or cold.
+What a job costs is learned from what was observed, in two parts:
+- loading: the time ComfyUI spent in each loader node that ran (a loader whose output ComfyUI
+  had cached sends no `executing` and costs nothing), per model file;
+- the rest of the run, from the prompt's `execution_start` to its end (time waiting in
+  ComfyUI's own queue does not count), per backend, workflow and warm (no loader ran) or cold.
+A cold job's expected time is the rest of its run plus the load of each of its files not held.
 Pure: no IOLoop, no I/O.
 """
 from __future__ import annotations
@@ -22,17 +26,23 @@ SAMPLES_KEPT = 20           # recent run times kept per backend, workflow and wa
 DEFAULT_RUN_SECONDS = 1.0   # a guess for a workflow never seen anywhere: all backends alike
 
 
-def models_of(graph: dict) -> frozenset[str]:
-    """The model files a prompt makes ComfyUI load."""
-    files = set()
-    for node in graph.values():
+def loader_nodes(graph: dict) -> dict[str, frozenset[str]]:
+    """Node id -> the model files that node loads, for the prompt's loader nodes."""
+    loaders = {}
+    for node_id, node in graph.items():
         if not isinstance(node, dict) or "Loader" not in str(node.get("class_type", "")):
             continue
         inputs = node.get("inputs")
-        for value in (inputs.values() if isinstance(inputs, dict) else ()):
-            if isinstance(value, str) and value.lower().endswith(MODEL_EXTENSIONS):
-                files.add(value)
-    return frozenset(files)
+        files = frozenset(value for value in (inputs.values() if isinstance(inputs, dict) else ())
+                          if isinstance(value, str) and value.lower().endswith(MODEL_EXTENSIONS))
+        if files:
+            loaders[str(node_id)] = files
+    return loaders
+
+
+def models_of(graph: dict) -> frozenset[str]:
+    """The model files a prompt makes ComfyUI load."""
+    return frozenset().union(*loader_nodes(graph).values())
 
 
 class GpuBelief:
@@ -43,6 +53,10 @@ class GpuBelief:
         self._models: OrderedDict[str, None] = OrderedDict()
         self._runs: dict[tuple[str, bool], deque] = {}
         self._means: dict[tuple[str, bool], float] = {}   # of _runs, kept as they come (read per backend and job)
+        self._recent: deque = deque(maxlen=SAMPLES_KEPT)   # its last runs, any workflow
+        self.typical_run: float | None = None              # their median
+        self._loads: dict[str, deque] = {}                 # model file -> seconds its loads took here
+        self._load_means: dict[str, float] = {}
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -70,6 +84,21 @@ class GpuBelief:
         samples = self._runs.setdefault((alias, warm), deque(maxlen=SAMPLES_KEPT))
         samples.append(seconds)
         self._means[(alias, warm)] = sum(samples) / len(samples)
+        self._recent.append(seconds)
+        ordered = sorted(self._recent)
+        self.typical_run = ordered[len(ordered) // 2]
+
+    def record_load(self, model: str, seconds: float) -> None:
+        samples = self._loads.setdefault(model, deque(maxlen=SAMPLES_KEPT))
+        samples.append(seconds)
+        self._load_means[model] = sum(samples) / len(samples)
+
+    def load_mean(self, model: str | None = None) -> float | None:
+        """This backend's mean load of `model`, or of any file it loaded (None: not seen)."""
+        if model is not None:
+            return self._load_means.get(model)
+        means = list(self._load_means.values())
+        return sum(means) / len(means) if means else None
 
     def samples(self, alias: str, warm: bool) -> deque | tuple:
         return self._runs.get((alias, warm), ())
@@ -86,20 +115,43 @@ class Estimator:
     backends: list
     _farm: dict = field(default_factory=dict)
 
+    def expected(self, backend, alias: str, cold: frozenset[str] = frozenset()) -> float:
+        """Seconds a job of `alias` should take on `backend` once started, loading the files `cold`."""
+        run = self.run_time(alias, backend, not cold)
+        for model in cold:
+            run += self.load_time(backend, model)
+        return run
+
     def run_time(self, alias: str, backend, warm: bool) -> float:
-        own = backend.gpu.mean(alias, warm)
-        if own is not None:
-            return own
-        other = backend.gpu.mean(alias, not warm)
-        if other is not None:  # the same backend's other kind, shifted by the farm's load cost
-            return max(other + (-1 if warm else 1) * self._load_cost(alias), 0.0)
-        farm = self._farm_mean(alias, warm)
-        if farm is not None:
-            return farm
-        farm = self._farm_mean(alias, not warm)
-        if farm is not None:
-            return max(farm + (-1 if warm else 1) * self._load_cost(alias), 0.0)
-        return DEFAULT_RUN_SECONDS
+        """The run without its loads: this backend's, else the farm's, warm or cold (the other
+        kind when only that was seen), else a guess."""
+        seconds = backend.gpu.mean(alias, warm)
+        if seconds is None:
+            seconds = backend.gpu.mean(alias, not warm)
+        if seconds is None:
+            seconds = self._farm_mean(alias, warm)
+        if seconds is None:
+            seconds = self._farm_mean(alias, not warm)
+        return DEFAULT_RUN_SECONDS if seconds is None else seconds
+
+    def load_time(self, backend, model: str) -> float:
+        """Loading `model` there: its own loads of that file, else the farm's of that file, else
+        its loads of any file, else the farm's; 0 while no load was ever seen."""
+        seconds = backend.gpu.load_mean(model)
+        if seconds is None:
+            seconds = self._farm_load(model)
+        if seconds is None:
+            seconds = backend.gpu.load_mean()
+        if seconds is None:
+            seconds = self._farm_load(None)
+        return 0.0 if seconds is None else seconds
+
+    def _farm_load(self, model: str | None) -> float | None:
+        key = ("load", model)
+        if key not in self._farm:
+            seen = [m for b in self.backends if (m := b.gpu.load_mean(model)) is not None]
+            self._farm[key] = sum(seen) / len(seen) if seen else None
+        return self._farm[key]
 
     def _farm_mean(self, alias: str, warm: bool) -> float | None:
         key = ("mean", alias, warm)
@@ -110,13 +162,4 @@ class Estimator:
                 total += sum(samples)
                 count += len(samples)
             self._farm[key] = total / count if count else None
-        return self._farm[key]
-
-    def _load_cost(self, alias: str) -> float:
-        """Cold minus warm, over the backends that have seen both."""
-        key = ("load", alias)
-        if key not in self._farm:
-            costs = [cold - warm for b in self.backends
-                     if (cold := b.gpu.mean(alias, False)) is not None and (warm := b.gpu.mean(alias, True)) is not None]
-            self._farm[key] = max(sum(costs) / len(costs), 0.0) if costs else 0.0
         return self._farm[key]

@@ -68,7 +68,6 @@ class Job:
     percent: float = 0.0
     executing: bool = False         # the backend has started it (not only received it)
     started_at: float | None = None  # time.monotonic() of its prompt's execution_start
-    predicted_warm: bool = True     # its models were expected loaded where it was sent
     results: list = field(default_factory=list)   # storage.results.ResultFile
     error: str = ""
     stop_reason: StopReason | None = None

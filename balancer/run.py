@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Protocol
 
+from .affinity import loader_nodes
 from .comfy import api
 from .comfy.answers import (describe_execution_error, describe_rejection, entry_from_events,
                             is_out_of_memory, lost_input_file, outcome_from_history, output_files)
@@ -52,7 +53,8 @@ class RunEvents(Protocol):
     def prompt_chosen(self, job: Job, prompt_id: str) -> Awaitable: ...   # resolves once persisted
     def started(self, job: Job) -> None: ...
     def progressed(self, job: Job, percent: float) -> None: ...
-    def executed(self, job: Job) -> None: ...   # the backend is done with it: its slot may move on
+    def executed(self, job: Job, loads: dict[str, float]) -> None: ...   # the backend is done with it: its
+    # slot may move on; `loads`: seconds its loader nodes ran, per model file
 
 
 class PromptRun:
@@ -67,6 +69,10 @@ class PromptRun:
         self.deadline = deadline
         self.execution_timeout = execution_timeout
         self._deadline_moved: asyncio.Future | None = None
+        # What its loads cost: the time from a loader node's `executing` to the next node's.
+        self.loaders = loader_nodes(job.graph)
+        self.loads: dict[str, float] = {}    # model file -> seconds its loader node ran
+        self._node: tuple[str, float] | None = None   # the node executing now, since when
         self.prompt_id: str | None = job.prompt_id
         self.tracker: ProgressTracker | None = None
         self.watch = PromptWatch(self._on_event)
@@ -181,7 +187,7 @@ class PromptRun:
             return Outcome(Ending.OUT_OF_MEMORY if is_out_of_memory(data) else Ending.FAILED, reason)
         # ComfyUI serves /history and /view while it runs the next prompt: hand the slot on
         # now, so the GPU does not wait for our downloads.
-        self.events.executed(self.job)
+        self.events.executed(self.job, self.loads)
         return await self._collect()
 
     async def _await_end(self) -> tuple[str, dict]:
@@ -192,7 +198,8 @@ class PromptRun:
                 return "timeout", {}
             self._deadline_moved = asyncio.get_running_loop().create_future()
             done, _ = await asyncio.wait({self.watch.outcome, self._deadline_moved},
-                                         timeout=min(remaining, HISTORY_POLL_INTERVAL))
+                                         timeout=min(remaining, HISTORY_POLL_INTERVAL),
+                                         return_when=asyncio.FIRST_COMPLETED)
             if self.watch.outcome in done:
                 return self.watch.outcome.result()
             if done:
@@ -260,6 +267,8 @@ class PromptRun:
         self.backend.listen(prompt_id, self.watch)
 
     def _on_event(self, kind: str, data: dict) -> None:
+        if kind == "executing" and self.loaders:
+            self._time_loaders(data.get("node"))
         if kind == "execution_start":
             self.deadline = time.monotonic() + self.execution_timeout
             if self._deadline_moved is not None and not self._deadline_moved.done():
@@ -267,6 +276,15 @@ class PromptRun:
             self.events.started(self.job)
         if self.tracker is not None and self.tracker.on_event(kind, data):
             self.events.progressed(self.job, self.tracker.percent)
+
+
+    def _time_loaders(self, node) -> None:
+        now = time.monotonic()
+        if self._node is not None and self._node[0] in self.loaders:
+            files = self.loaders[self._node[0]]
+            for model in files:
+                self.loads[model] = self.loads.get(model, 0.0) + (now - self._node[1]) / len(files)
+        self._node = (str(node), now) if node is not None else None
 
 
 def _retrieve(future: asyncio.Future) -> None:

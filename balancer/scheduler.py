@@ -15,11 +15,17 @@ warm or cold (a cold one loads its models first). A backend holds up to `slots_p
 prompts: beyond the one running, they wait in ComfyUI's own queue, so its GPU never waits for
 the bridge between two jobs. When the best place is a full backend, the job stays queued for
 it, and counts in that backend's committed work for the jobs behind it, which then go where
-they end first. Ties: warm first, then fewer prompts, then round robin.
+they end first. A cold placement that would push out of the GPU a model that jobs waiting
+near the front of the queue need is charged that model's reload too (only in the comparison):
+one job's gain is not paid for by the jobs behind it. Ties: warm first, then fewer prompts,
+then round robin.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
+from itertools import chain, islice
 from typing import Iterable, Sequence
 
 from .affinity import Estimator
@@ -64,13 +70,37 @@ def _constraints(job) -> tuple:
 class Placement:
     job: object
     backend: object
-    expected: float     # seconds the job should run there once started
-    warm: bool          # its models should be loaded there when it starts
+    expected: float             # seconds the job should run there once started, loads included
+    cold: frozenset = frozenset()   # its model files not expected loaded there when it starts
+
+    @property
+    def warm(self) -> bool:
+        return not self.cold
 
 
 # Jobs looked at beyond the free slots in one pass, waiting for a busy backend that would end
 # them sooner: enough to see past a few such jobs, bounded so a long queue costs nothing.
 LOOKAHEAD = 16
+# A prompt takes the bridge this long, at most, to send once the one before it on a backend
+# ended (seeing the end, a commit, POST /prompt). A backend whose runs are shorter gets more
+# prompts waiting, so that what waits covers this time and its GPU still never idles.
+REACTION_SECONDS = 0.025
+EXTRA_WAITING_MAX = 4
+# Jobs at the front of the queue whose models count as wanted soon (a cold placement that
+# would evict one of them is charged its reload).
+WANTED_WINDOW = 64
+
+
+def held_after(backend, planned: list) -> list:
+    """The model files `backend` should hold once the jobs planned there in this pass have run,
+    least recent first: its believed ones, then each planned job's, the oldest pushed out."""
+    held = list(backend.gpu.models)
+    for models in planned:
+        for model in sorted(models):
+            if model in held:
+                held.remove(model)
+            held.append(model)
+    return held[-backend.gpu.kept:] if backend.gpu.kept else []
 
 
 class Scheduler:
@@ -78,9 +108,17 @@ class Scheduler:
         self.slots_per_backend = slots_per_backend
         self._next = 0  # round-robin start: the backend after the last one chosen
 
-    def free_slots(self, backends: Sequence) -> int:
+    def capacity(self, backend) -> int:
+        """Prompts the backend may hold: `slots_per_backend`, and with pipelining on, enough more
+        to cover REACTION_SECONDS when its runs are shorter than that."""
         limit = self.slots_per_backend
-        return sum(limit - b.load for b in backends if b.up and b.load < limit)
+        typical = backend.gpu.typical_run
+        if limit < 2 or typical is None or typical >= REACTION_SECONDS:
+            return limit
+        return limit + min(EXTRA_WAITING_MAX, math.ceil(REACTION_SECONDS / max(typical, 1e-4)) - 1)
+
+    def free_slots(self, backends: Sequence) -> int:
+        return sum(max(self.capacity(b) - b.load, 0) for b in backends if b.up)
 
     def pick(self, job, backends: Sequence, now: float = 0.0):
         """The backend the job would be sent to now, or None (full or unable)."""
@@ -92,47 +130,54 @@ class Scheduler:
         backends' clock, time.monotonic()).
 
         Its cost does not grow with the queue: it returns at once when no backend has room, places
-        or keeps waiting no more than the free slots + LOOKAHEAD jobs, and once a job found no
-        backend with room that may run it, passes over the jobs alike in what they may run on
-        (`_constraints`). Each job it looks at is compared on every backend up, busy ones too."""
-        limit = self.slots_per_backend
+        or keeps waiting no more than the free slots + LOOKAHEAD jobs, reads no more than
+        WANTED_WINDOW jobs ahead, and once a job found no backend with room that may run it,
+        passes over the jobs alike in what they may run on (`_constraints`). Each job it looks at
+        is compared on every backend up, busy ones too."""
         up = [(i, b) for i, b in enumerate(backends) if b.up]
-        free = sum(limit - b.load for _, b in up if b.load < limit)
+        limit = {i: self.capacity(b) for i, b in up}
+        free = sum(limit[i] - b.load for i, b in up if b.load < limit[i])
         if not free:
             return []  # the common case under load: one pass over the backends, none over the queue
+        jobs = iter(queue)
+        front = list(islice(jobs, WANTED_WINDOW))
+        wanted = Counter(m for job in front for m in job.models)   # models the front of the queue needs
         estimate = Estimator(list(backends))
-        ready = {i: now + b.backlog(now, estimate.run_time) for i, b in up}   # when each would have done what it has
+        ready = {i: now + b.backlog(now, estimate.expected) for i, b in up}   # when each would have done what it has
         load = {i: b.load for i, b in up}
-        planned: dict[int, set] = {}                       # models of the jobs placed here in this pass
+        planned: dict[int, list] = {}      # models of the jobs placed or waiting there in this pass, in order
         count = len(backends)
         placed: list[Placement] = []
         stuck: set[tuple] = set()
         budget = free + LOOKAHEAD
-        for job in queue:
+        for job in chain(front, jobs):
             kind = _constraints(job)
             if kind in stuck:
                 continue
-            best, best_key, best_run, best_warm = None, None, 0.0, True
+            best, best_key, best_run, best_cold = None, None, 0.0, frozenset()
             for index, backend in up:
                 if best_key is not None and ready[index] > best_key[0]:
                     continue  # busy past the best end found: cannot end it sooner
                 if not can_run(job, backend):
                     continue
-                coming = planned.get(index, ())
-                warm = all(backend.gpu.holds(m) or m in coming for m in job.models)
-                run = estimate.run_time(job.alias, backend, warm)
-                key = (ready[index] + run, not warm, load[index], (index - self._next) % count)
+                before = planned.get(index, ())
+                held = (held_after(backend, before) if before else backend.gpu.models) if job.models else ()
+                cold = job.models.difference(held)
+                run = estimate.expected(backend, job.alias, cold)
+                key = (ready[index] + run + self._eviction_cost(estimate, backend, before, held, cold, job, wanted),
+                       bool(cold), load[index], (index - self._next) % count)
                 if best_key is None or key < best_key:
-                    best, best_key, best_run, best_warm = index, key, run, warm
-            if best is None or (load[best] >= limit
-                                and not any(load[i] < limit and can_run(job, b) for i, b in up)):
+                    best, best_key, best_run, best_cold = index, key, run, cold
+            if best is None or (load[best] >= limit[best]
+                                and not any(load[i] < limit[i] and can_run(job, b) for i, b in up)):
                 stuck.add(kind)  # none that may run it has room now: none has for a job alike either
                 continue
             budget -= 1
-            ready[best] = best_key[0]   # committed there, for the jobs behind it, placed or not
-            planned.setdefault(best, set()).update(job.models)
-            if load[best] < limit:
-                placed.append(Placement(job, backends[best], best_run, best_warm))
+            wanted.subtract(job.models)
+            ready[best] += best_run     # committed there, for the jobs behind it, placed or not
+            planned.setdefault(best, []).append(job.models)
+            if load[best] < limit[best]:
+                placed.append(Placement(job, backends[best], best_run, best_cold))
                 load[best] += 1
                 self._next = (best + 1) % count
                 free -= 1
@@ -141,3 +186,12 @@ class Scheduler:
             if not budget:
                 break
         return placed
+
+    @staticmethod
+    def _eviction_cost(estimate, backend, planned: list, held, cold, job, wanted: Counter) -> float:
+        """Loading `cold` there pushes the oldest of `held` out of its GPU: the reload of each
+        pushed-out model that other jobs near the front of the queue want."""
+        if not cold or not any(wanted[m] > 0 for m in held if m not in job.models):
+            return 0.0
+        pushed = set(held).difference(held_after(backend, [*planned, job.models]))
+        return sum(estimate.load_time(backend, m) for m in pushed if wanted[m] > 0)

@@ -331,11 +331,11 @@ class JobService:
         job.stop_reason = None
         job.attempts += 1
         job.dispatched_at = time.monotonic()
-        job.started_at, job.predicted_warm = None, placement.warm
+        job.started_at = None
         # Chosen here, so the record written for the dispatch carries it: one commit (often the
         # same as the job's `queued` one) puts it on disk before POST /prompt.
         job.prompt_id = str(uuid.uuid4())
-        backend.take_slot(job.id, job.alias, placement.warm, placement.expected)
+        backend.take_slot(job.id, job.alias, placement.cold, placement.expected)
         backend.gpu.loaded(job.models)  # by the time the next prompt there runs, they are
         saved = self._transition(job, "dispatched", backend, waited=time.time() - job.created,
                                  expected=round(placement.expected, 3), warm=placement.warm)
@@ -495,12 +495,17 @@ class JobService:
             job.executing = True
             self.hub.publish(job.client_id, job.status())
 
-    def executed(self, job: Job) -> None:
-        """The prompt ended well: learn how long it ran, and hand its slot on."""
+    def executed(self, job: Job, loads: dict[str, float] | None = None) -> None:
+        """The prompt ended well: learn how long it ran (`loads`: seconds its loader nodes spent,
+        per model file), and hand its slot on."""
         backend = job.backend
         if backend is not None:
+            loads = loads or {}
+            for model, seconds in loads.items():
+                backend.gpu.record_load(model, seconds)
             if job.started_at is not None:
-                backend.gpu.record(job.alias, job.predicted_warm, time.monotonic() - job.started_at)
+                ran = time.monotonic() - job.started_at - sum(loads.values())
+                backend.gpu.record(job.alias, not loads, max(ran, 0.0))
             backend.release_slot(job.id)
         self._schedule_pump()
 

@@ -49,7 +49,7 @@ async def test_burst_leaves_no_backend_idle_that_would_end_a_waiting_job_first(s
             return
         head, now = next(iter(service.queue)), time.monotonic()
         estimate = Estimator(service.backends)
-        ends = {b: now + b.backlog(now) + estimate.run_time(head.alias, b, True) for b in service.backends if b.up}
+        ends = {b: now + b.backlog(now, estimate.expected) + estimate.expected(b, head.alias) for b in service.backends if b.up}
         idle = [b for b in ends if not b.in_flight]
         busy = [ends[b] for b in ends if b.in_flight]
         if idle and (not busy or min(ends[b] for b in idle) < min(busy) - 1e-9):

@@ -81,3 +81,19 @@ async def test_a_backend_lost_with_two_prompts_gives_both_back_in_order(sim_fact
     assert redispatched == jobs
     assert all(j.requeues == 1 for j in jobs)
     api.close()
+
+
+async def test_a_prompts_end_is_seen_at_once_when_its_start_came_before_the_wait():
+    """The run waits on its end and on its start (which moves the deadline): either one ends the
+    wait. (Waiting for both held an end until the history poll, 2 s, whenever the start had come
+    before the wait began.)"""
+    import asyncio
+    import time
+
+    from balancer.jobs import Job
+    from balancer.run import PromptRun
+    job = Job(client_id="c", alias="a", graph={}, files={}, class_types=frozenset())
+    run = PromptRun(job, backend=None, events=None, results=None,
+                    deadline=time.monotonic() + 60, execution_timeout=60)
+    asyncio.get_running_loop().call_later(0.01, run.watch.outcome.set_result, ("success", {}))
+    assert await asyncio.wait_for(run._await_end(), 1.0) == ("success", {})

@@ -68,8 +68,8 @@ def test_allowed_backends_restrict_the_choice():
 def test_idle_backends_go_to_the_shorter_recent_duration_of_that_workflow():
     fleet = backends(2)
     for backend, invert, other in ((fleet[0], 3.0, 0.1), (fleet[1], 1.0, 9.0)):
-        backend.gpu.record("invert", True, invert)
-        backend.gpu.record("other", True, other)
+        learned(backend, "invert", run=invert)
+        learned(backend, "other", run=other)
     assert Scheduler(1).pick(FakeJob(), fleet) is fleet[1]
     assert Scheduler(1).pick(FakeJob(alias="other"), fleet) is fleet[0]
 
@@ -221,43 +221,49 @@ def test_the_belief_keeps_the_last_models_used_and_forgets_all_after_a_free():
     assert gpu.models == ()
 
 
-def learned(backend, alias="t2i", warm=None, cold=None):
-    if warm is not None:
-        backend.gpu.record(alias, True, warm)
-    if cold is not None:
-        backend.gpu.record(alias, False, cold)
+SDXL = "sdxl.safetensors"
+
+
+def learned(backend, alias="t2i", run=None, load=None, model=SDXL):
+    """Teach a backend's belief a run of `alias` (without loads) and a load of `model`."""
+    if run is not None:
+        backend.gpu.record(alias, True, run)
+    if load is not None:
+        backend.gpu.record_load(model, load)
     return backend
+
+
+def sdxl_job():
+    return FakeJob(alias="t2i", models=frozenset({SDXL}))
 
 
 def test_a_cold_idle_backend_is_chosen_when_the_warm_one_is_busy_longer_than_a_load():
     warm_busy, cold_idle = backends(2)
     for b in (warm_busy, cold_idle):
-        learned(b, warm=1.0, cold=5.0)
-    warm_busy.gpu.loaded(frozenset({"sdxl.safetensors"}))
+        learned(b, run=1.0, load=4.0)
+    warm_busy.gpu.loaded(frozenset({SDXL}))
     warm_busy.load, warm_busy.work = 1, 10.0
-    job = FakeJob(alias="t2i", models=frozenset({"sdxl.safetensors"}))
-    [placed] = Scheduler(2).plan([job], [warm_busy, cold_idle], 0.0)
-    assert (placed.backend, placed.warm, placed.expected) == (cold_idle, False, 5.0)
+    [placed] = Scheduler(2).plan([sdxl_job()], [warm_busy, cold_idle], 0.0)
+    assert (placed.backend, placed.cold, placed.expected) == (cold_idle, {SDXL}, 5.0)
 
 
 def test_a_job_goes_behind_the_running_one_on_a_warm_backend_when_that_ends_it_first():
     warm_busy, cold_idle = backends(2)
     for b in (warm_busy, cold_idle):
-        learned(b, warm=1.0, cold=5.0)
-    warm_busy.gpu.loaded(frozenset({"sdxl.safetensors"}))
+        learned(b, run=1.0, load=4.0)
+    warm_busy.gpu.loaded(frozenset({SDXL}))
     warm_busy.load, warm_busy.work = 1, 2.0      # ends at 2 + 1 = 3, before a cold start's 5
-    job = FakeJob(alias="t2i", models=frozenset({"sdxl.safetensors"}))
-    [placed] = Scheduler(2).plan([job], [warm_busy, cold_idle], 0.0)
+    [placed] = Scheduler(2).plan([sdxl_job()], [warm_busy, cold_idle], 0.0)
     assert (placed.backend, placed.warm) == (warm_busy, True)
 
 
 def test_a_job_waits_for_a_full_warm_backend_that_ends_it_first_and_the_next_one_goes_elsewhere():
     warm_full, cold_idle = backends(2)
     for b in (warm_full, cold_idle):
-        learned(b, warm=1.0, cold=5.0)
-    warm_full.gpu.loaded(frozenset({"sdxl.safetensors"}))
+        learned(b, run=1.0, load=4.0)
+    warm_full.gpu.loaded(frozenset({SDXL}))
     warm_full.load, warm_full.work = 1, 1.0      # full at one slot; ends a warm job at 2
-    sdxl = [FakeJob(alias="t2i", models=frozenset({"sdxl.safetensors"})) for _ in range(5)]
+    sdxl = [sdxl_job() for _ in range(5)]
     plan = Scheduler(1).plan(sdxl, [warm_full, cold_idle], 0.0)
     # the first three end sooner on the warm backend (2, 3, 4, then a tie at 5 goes warm),
     # so they wait for it; the fifth ends first on the cold one (5 < 6)
@@ -267,41 +273,83 @@ def test_a_job_waits_for_a_full_warm_backend_that_ends_it_first_and_the_next_one
 def test_jobs_placed_in_one_pass_warm_the_backend_for_the_jobs_behind_them():
     a, b = backends(2)
     for backend in (a, b):
-        learned(backend, warm=1.0, cold=5.0)
+        learned(backend, run=1.0, load=4.0)
     b.work, b.load = 3.0, 1
-    jobs = [FakeJob(alias="t2i", models=frozenset({"m.safetensors"})) for _ in range(2)]
+    jobs = [sdxl_job() for _ in range(2)]
     plan = Scheduler(2).plan(jobs, [a, b], 0.0)
     assert [(p.backend, p.warm) for p in plan] == [(a, False), (a, True)]   # 5, then 6 < b's 3 + 5
 
 
+def test_a_model_pushed_out_by_a_job_planned_before_it_in_the_pass_is_cold_again():
+    only = FakeBackend("g:1", gpu=GpuBelief(1))
+    learned(only, run=1.0, load=4.0)
+    learned(only, load=4.0, model="sd15.safetensors")
+    only.gpu.loaded(frozenset({SDXL}))
+    sd15, sdxl = FakeJob(alias="t2i", models=frozenset({"sd15.safetensors"})), sdxl_job()
+    plan = Scheduler(2).plan([sd15, sdxl], [only], 0.0)
+    assert [(p.job, p.cold) for p in plan] == [(sd15, {"sd15.safetensors"}), (sdxl, {SDXL})]
+
+
+def test_a_cold_placement_that_evicts_a_model_the_queue_still_wants_is_charged_its_reload():
+    # Two backends with one model each (K=1): sdxl's holds three sdxl jobs' work, sd15's is idle.
+    sdxl_gpu, sd15_gpu = FakeBackend("x:1", gpu=GpuBelief(1)), FakeBackend("y:1", gpu=GpuBelief(1))
+    for b in (sdxl_gpu, sd15_gpu):
+        learned(b, run=1.0, load=4.0)
+        learned(b, load=4.0, model="sd15.safetensors")
+    sdxl_gpu.gpu.loaded(frozenset({SDXL}))
+    sd15_gpu.gpu.loaded(frozenset({"sd15.safetensors"}))
+    sdxl_gpu.load, sdxl_gpu.work = 1, 4.5
+    sd15_job = FakeJob(alias="t2i", models=frozenset({"sd15.safetensors"}))
+    # On the sd15 backend the sdxl job would end at 5 (load 4 + run 1), before 5.5 on its own
+    # busy one; but it would push out sd15, which the job behind it wants: 5 + 4 > 5.5.
+    plan = Scheduler(2).plan([sdxl_job(), sd15_job], [sdxl_gpu, sd15_gpu], 0.0)
+    assert [(p.backend, p.warm) for p in plan] == [(sdxl_gpu, True), (sd15_gpu, True)]
+    # With no sd15 job waiting, the load pays: it goes to the idle backend.
+    [placed] = Scheduler(2).plan([sdxl_job()], [sdxl_gpu, sd15_gpu], 0.0)
+    assert (placed.backend, placed.warm) == (sd15_gpu, False)
+
+
 def test_unequal_backends_take_jobs_by_expected_end_not_by_count():
     fast, slow = backends(2)
-    learned(fast, warm=1.0)
-    learned(slow, warm=3.0)
+    learned(fast, run=1.0)
+    learned(slow, run=3.0)
     plan = Scheduler(2).plan([FakeJob(alias="t2i") for _ in range(4)], [fast, slow], 0.0)
     # fast ends them at 1, 2 (then full); the third ends at 3 on either: fewer prompts wins;
     # the fourth ends at 3 on the fast one, not 6 on the slow one: it waits for the fast one
     assert [p.backend for p in plan] == [fast, fast, slow]
 
 
-def test_a_backend_that_never_ran_a_workflow_is_estimated_from_the_farm():
+def test_a_backend_that_never_ran_a_workflow_or_loaded_a_file_is_estimated_from_the_farm():
     seen, new = backends(2)
-    learned(seen, warm=2.0, cold=6.0)
+    learned(seen, run=2.0, load=4.0)
     estimate = Estimator([seen, new])
-    assert estimate.run_time("t2i", new, True) == 2.0
-    assert estimate.run_time("t2i", new, False) == 6.0
-    other = learned(FakeBackend("c:1"), cold=7.0)     # cold only: warm is cold minus the farm's load cost
-    assert Estimator([seen, other]).run_time("t2i", other, True) == 3.0
-    assert Estimator([new]).run_time("never-seen", new, True) == DEFAULT_RUN_SECONDS
+    assert estimate.expected(new, "t2i") == 2.0
+    assert estimate.expected(new, "t2i", frozenset({SDXL})) == 6.0
+    assert estimate.load_time(new, "other.safetensors") == 4.0     # any file's load, when that one was never seen
+    assert Estimator([new]).expected(new, "never-seen", frozenset({SDXL})) == DEFAULT_RUN_SECONDS  # no load seen: 0
 
 
 def test_the_lookahead_stops_a_pass_even_when_every_job_waits_for_a_busy_backend():
     busy, idle = backends(2)
-    learned(busy, warm=0.1)
-    learned(idle, warm=100.0)     # so slow that every job prefers waiting for the busy one
+    learned(busy, run=0.1)
+    learned(idle, run=100.0)     # so slow that every job prefers waiting for the busy one
     busy.load, busy.work = 1, 0.1
     jobs = [FakeJob(alias="t2i") for _ in range(10_000)]
     looked = []
     assert Scheduler(1).plan((looked.append(j) or j for j in jobs), [busy, idle], 0.0) == []
-    from balancer.scheduler import LOOKAHEAD
-    assert len(looked) == 1 + LOOKAHEAD
+    from balancer.scheduler import LOOKAHEAD, WANTED_WINDOW
+    assert len(looked) == max(1 + LOOKAHEAD, WANTED_WINDOW)    # not the 10,000
+
+
+def test_a_backend_whose_runs_are_shorter_than_the_bridges_reaction_gets_more_waiting():
+    from balancer.scheduler import EXTRA_WAITING_MAX, REACTION_SECONDS
+    tiny, short, normal, fresh = backends(4)
+    learned(tiny, "blank", run=0.001)
+    learned(short, "blank", run=REACTION_SECONDS * 0.6)
+    learned(normal, "blank", run=REACTION_SECONDS * 4)
+    scheduler = Scheduler(2)
+    assert [scheduler.capacity(b) for b in (tiny, short, normal, fresh)] == [2 + EXTRA_WAITING_MAX, 3, 2, 2]
+    assert Scheduler(1).capacity(tiny) == 1          # pipelining off: one prompt at a time, whatever
+    tiny.load = 2
+    plan = scheduler.plan([FakeJob(alias="blank") for _ in range(10)], [tiny], 0.0)
+    assert len(plan) == EXTRA_WAITING_MAX

@@ -71,7 +71,7 @@ class BackendStats:
 @dataclass
 class Slot:
     alias: str
-    warm: bool                      # its models were expected loaded by the time it runs
+    cold: frozenset                 # its model files not expected loaded by the time it runs
     expected: float                 # seconds its prompt should run, as estimated when it was sent
     started: float | None = None    # time.monotonic() of its execution_start
 
@@ -118,9 +118,10 @@ class Backend:
     def load(self) -> int:
         return len(self._slots)
 
-    def take_slot(self, job_id: str, alias: str = "", warm: bool = True, expected: float = 0.0) -> None:
-        """A prompt of workflow `alias`, expected to run `expected` seconds once started, is sent here."""
-        self._slots[job_id] = Slot(alias, warm, expected)
+    def take_slot(self, job_id: str, alias: str = "", cold: frozenset = frozenset(), expected: float = 0.0) -> None:
+        """A prompt of workflow `alias` that loads `cold`, expected to run `expected` seconds once
+        started, is sent here."""
+        self._slots[job_id] = Slot(alias, cold, expected)
 
     def slot_started(self, job_id: str, when: float) -> None:
         slot = self._slots.get(job_id)
@@ -130,15 +131,15 @@ class Backend:
     def release_slot(self, job_id: str) -> None:
         self._slots.pop(job_id, None)
 
-    def backlog(self, now: float, run_time=None) -> float:
+    def backlog(self, now: float, expected=None) -> float:
         """Seconds of expected work still ahead of this backend's GPU (time.monotonic() `now`):
-        the rest of what runs, and all of what waits in its queue. `run_time(alias, backend,
-        warm)` estimates with what is known now (affinity.Estimator.run_time); without it, the
+        the rest of what runs, and all of what waits in its queue. `expected(backend, alias,
+        cold)` estimates with what is known now (affinity.Estimator.expected); without it, the
         estimates made when the prompts were sent."""
         total = 0.0
         for slot in self._slots.values():
-            expected = slot.expected if run_time is None else run_time(slot.alias, self, slot.warm)
-            total += expected if slot.started is None else max(expected - (now - slot.started), 0.0)
+            expected_s = slot.expected if expected is None else expected(self, slot.alias, slot.cold)
+            total += expected_s if slot.started is None else max(expected_s - (now - slot.started), 0.0)
         return total
 
     def mean_duration(self, alias: str) -> float | None:
