@@ -45,6 +45,7 @@ class Job:
     class_types: frozenset[str]
     allowed_backends: tuple[str, ...] | None = None
     webhook: str | None = None      # where the job's end is posted (balancer/webhooks.py)
+    v2: dict | None = None          # a job submitted through /api/v2: its own data (balancer/v2/)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
@@ -87,6 +88,7 @@ class Job:
             "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size}
                         for r in self.results],
             "error": self.error, "finished_at": self.finished_at, "webhook": self.webhook,
+            "v2": self.v2,
         }
 
     @classmethod
@@ -103,7 +105,8 @@ class Job:
             percent=record.get("percent", 0.0),
             results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"])
                      for r in record.get("results", ())],
-            error=record.get("error", ""), finished_at=record.get("finished_at"), webhook=record.get("webhook"))
+            error=record.get("error", ""), finished_at=record.get("finished_at"), webhook=record.get("webhook"),
+            v2=record.get("v2"))
 
     def status(self, queue_position: int | None = None, waiting_for: str | None = None) -> dict:
         """The job's state in the words of the websocket and /execution-info; a queued job

@@ -130,6 +130,20 @@ class JobService:
         await saved
         return position
 
+    async def submit_job(self, job: Job) -> int:
+        """Queue a job built elsewhere (the v2 surface builds one from a whole graph) under the
+        same refusals, queue and persistence as `submit`; its clientId must be new."""
+        if job.client_id in self.jobs:
+            raise Refused(f"clientId '{job.client_id}' already has a job")
+        self._check_room()
+        self.jobs[job.client_id] = job
+        self.queue.append(job)
+        position = len(self.queue)
+        saved = self._transition(job, "queued", queue=position)
+        self._schedule_pump()
+        await saved
+        return position
+
     def check_can_submit(self, client_id: str) -> Job | None:
         """What `submit` refuses before it looks at the request's values (a clientId with a job
         still going or results waiting, a full queue); the clientId's current job otherwise.
