@@ -85,8 +85,8 @@ class Job:
             "backend": where.address if where is not None else None,
             "prompt_id": self.prompt_id, "attempts": self.attempts, "requeues": self.requeues,
             "oom_retried": self.oom_retried, "percent": self.percent,
-            "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size}
-                        for r in self.results],
+            "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size,
+                         "node_id": r.node_id} for r in self.results],
             "error": self.error, "finished_at": self.finished_at, "webhook": self.webhook,
             "v2": self.v2,
         }
@@ -103,8 +103,8 @@ class Job:
             prompt_id=record.get("prompt_id"), attempts=record.get("attempts", 0),
             requeues=record.get("requeues", 0), oom_retried=record.get("oom_retried", False),
             percent=record.get("percent", 0.0),
-            results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"])
-                     for r in record.get("results", ())],
+            results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"],
+                                 node_id=r.get("node_id", "")) for r in record.get("results", ())],
             error=record.get("error", ""), finished_at=record.get("finished_at"), webhook=record.get("webhook"),
             v2=record.get("v2"))
 
