@@ -243,7 +243,7 @@ class AssetContentHandler(V2Handler):
             self.request.connection.close()
 
 
-ASSET_ID = r"([^/]{1,100})"
+ASSET_ID = r"((?!from-hash$)[^/]{1,100})"   # from-hash is a route of its own
 routes = [
     (rf"{API}/assets", AssetsHandler),
     (rf"{API}/assets/from-hash", AssetFromHashHandler),
