@@ -18,7 +18,7 @@ from storage.assets import parse_hash
 from storage.multipart import UploadError
 
 from ..upload import _storage_error
-from .base import API, V2Handler
+from .base import API, V2Handler, envelope
 
 log = logging.getLogger("bridge.http")
 CHUNK = 256 * 1024
@@ -214,9 +214,11 @@ class AssetContentHandler(V2Handler):
         self.set_header("Accept-Ranges", "bytes")
         try:
             ranged = byte_range(self.request.headers.get("Range"), size)
-        except V2Refused:
+        except V2Refused as exc:   # answered here: send_error would drop the Content-Range
+            self.set_status(416)
             self.set_header("Content-Range", f"bytes */{size}")
-            raise
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            return self.finish(envelope(exc.code, str(exc)))
         first, last = ranged or (0, size - 1)
         if ranged is not None:
             self.set_status(206)
