@@ -53,6 +53,7 @@ class RunEvents(Protocol):
     def started(self, job: Job) -> None: ...
     def progressed(self, job: Job, percent: float) -> None: ...
     def executed(self, job: Job) -> None: ...   # the backend is done with it: its slot may move on
+    def previewed(self, job: Job, node_id, content_type: str, image: bytes) -> None: ...
 
 
 class PromptRun:
@@ -255,6 +256,9 @@ class PromptRun:
     def _on_event(self, kind: str, data: dict) -> None:
         if kind == "execution_start":
             self.events.started(self.job)
+        elif kind == "preview":
+            self.events.previewed(self.job, data.get("node"), data["content_type"], data["image"])
+            return
         if self.tracker is not None and self.tracker.on_event(kind, data):
             self.events.progressed(self.job, self.tracker.percent)
 

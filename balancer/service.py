@@ -67,6 +67,7 @@ class JobService:
         self._end_waiters: dict[str, list[asyncio.Future]] = {}   # job id -> `wait_for_end` callers
         # Called as observer(event, job, backend, detail) on every job transition.
         self.observers: list = [log_job_event]
+        self.preview_listeners: list = []   # called as listener(job, node_id, content_type, image)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -464,6 +465,12 @@ class JobService:
             job.percent = percent
             job.executing = True
             self.hub.publish(job.client_id, job.status())
+
+    def previewed(self, job: Job, node_id, content_type: str, image: bytes) -> None:
+        """A preview image from the backend, for whoever shows previews (kept by none here)."""
+        if job.state is JobState.RUNNING:
+            for listener in self.preview_listeners:
+                listener(job, node_id, content_type, image)
 
     def executed(self, job: Job) -> None:
         if job.backend is not None:

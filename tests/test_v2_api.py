@@ -339,3 +339,12 @@ def test_every_v2_route_is_in_the_served_document():
             "/api/v2/jobs/{id}/workflow", "/api/v2/assets", "/api/v2/assets/from-hash",
             "/api/v2/assets/by-hash/{hash}", "/api/v2/assets/{id}", "/api/v2/assets/{id}/content"} == v2_paths
     assert re.search(r"comfy-api-v2", ujson.dumps(SPEC["tags"]))
+
+
+def test_preview_frames_are_read_with_and_without_metadata():
+    from balancer.comfy.answers import parse_preview
+    from comfysim import protocol
+    assert parse_preview(protocol.preview_frame(b"PNG")) == (None, None, "image/png", b"PNG")
+    assert parse_preview(protocol.preview_with_metadata_frame(b"PNG", "7", "p-1")) == ("p-1", "7", "image/png", b"PNG")
+    assert parse_preview(protocol.progress_text_frame("7", "text")) is None
+    assert parse_preview(b"\x00\x00") is None

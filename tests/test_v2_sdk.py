@@ -13,7 +13,7 @@ from PIL import Image, ImageChops, ImageOps
 from bridge import Bridge
 from comfy_low.models import Job as ContractJob
 from comfy_sdk import Comfy, JobFailed, StatusChange
-from comfy_sdk import OutputReady, Progress
+from comfy_sdk import OutputReady, Preview, Progress
 from tests.conftest import TIMEOUT, png_bytes, stopped_by_id, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -233,3 +233,22 @@ async def test_every_answer_parses_as_the_contract_says(two, sdk):
     started = time.monotonic()
     await asyncio.to_thread(refusals)
     assert time.monotonic() - started < TIMEOUT
+
+
+async def test_previews_the_backend_sends_reach_the_event_stream(two, sdk):
+    client = sdk(two)
+    source = png_bytes(20, 10, seed=11)
+    shown = {**invert_graph("x.png"), "4": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["2", 0]}}}
+
+    def run():
+        asset = client.assets.from_bytes(source, filename="p.png", content_type="image/png")
+        workflow = client.workflows.from_json(shown)
+        workflow.set_input("1", "image", asset)
+        job = client.submit(workflow)
+        return list(job.events())
+
+    events = await asyncio.to_thread(run)
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert previews and previews[0].node_id == "4" and previews[0].content_type == "image/png"
+    assert ImageChops.difference(previews[0].to_pil().convert("RGB"), ImageOps.invert(pixels(source))).getbbox() is None
+    assert events[-1].status == "succeeded"

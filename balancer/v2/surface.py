@@ -44,6 +44,8 @@ class V2Surface:
         self.keys = IdempotencyKeys(store)
         self.followers = JobFollowers(hub)
         self._hashing: set[str] = set()
+        self.previews: dict[str, tuple] = {}   # clientId -> the latest (node id, type, image) while it runs
+        service.preview_listeners.append(self._previewed)
 
     def start(self) -> None:
         """After the service restored its jobs: outputs whose hashes a restart interrupted."""
@@ -59,7 +61,14 @@ class V2Surface:
             job.v2["started"] = time.time()   # in the record this transition writes
         elif event == "done":
             self._hash_outputs(job)
+        if job.ended:
+            self.previews.pop(job.client_id, None)
         self.followers.nudge(job.client_id)
+
+    def _previewed(self, job: Job, node_id, content_type: str, image: bytes) -> None:
+        if job.v2 is not None:
+            self.previews[job.client_id] = (node_id, content_type, image)
+            self.followers.nudge(job.client_id)
 
     def _hash_outputs(self, job: Job) -> None:
         if job.id in self._hashing:

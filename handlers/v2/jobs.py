@@ -1,6 +1,7 @@
 """/api/v2/jobs: submit a whole graph, follow it (poll or server-sent events), cancel it, list."""
 from __future__ import annotations
 
+import base64
 import re
 
 from tornado.iostream import StreamClosedError
@@ -70,7 +71,7 @@ class JobEventsHandler(V2Handler):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")   # nginx: pass frames on at once
-        sent_status, sent_progress = None, None
+        sent_status, sent_progress, sent_preview = None, None, None
         try:
             while not self._gone and not follower.dropped:
                 if self.v2.service.get(job.client_id) is not job:   # swept at its expires_at
@@ -84,6 +85,11 @@ class JobEventsHandler(V2Handler):
                 if view["progress"] is not None and view["progress"] != sent_progress:
                     sent_progress = view["progress"]
                     self._frame("progress", sent_progress)
+                preview = self.v2.previews.get(job.client_id)
+                if preview is not None and preview is not sent_preview and status not in TERMINAL:
+                    sent_preview = preview   # only the latest: a slow stream skips the ones between
+                    self._frame("preview", {"node_id": str(preview[0] or ""), "content_type": preview[1],
+                                            "data_base64": base64.b64encode(preview[2]).decode()})
                 if status in TERMINAL and self.v2.outputs_ready(job):
                     if status == "canceled" and sent_status and sent_status[0] == "running":
                         self._frame("status", {"status": "canceling", "queue_position": None})
