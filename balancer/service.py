@@ -131,19 +131,18 @@ class JobService:
         await saved
         return position
 
-    async def submit_job(self, job: Job) -> int:
+    def submit_job(self, job: Job) -> asyncio.Future:
         """Queue a job built elsewhere (the v2 surface builds one from a whole graph) under the
-        same refusals, queue and persistence as `submit`; its clientId must be new."""
+        same refusals, queue and persistence as `submit`; its clientId must be new. Returns the
+        future of its commit: what the caller saves before awaiting it joins the same commit."""
         if job.client_id in self.jobs:
             raise Refused(f"clientId '{job.client_id}' already has a job")
         self._check_room()
         self.jobs[job.client_id] = job
         self.queue.append(job)
-        position = len(self.queue)
-        saved = self._transition(job, "queued", queue=position)
+        saved = self._transition(job, "queued", queue=len(self.queue))
         self._schedule_pump()
-        await saved
-        return position
+        return saved
 
     def check_can_submit(self, client_id: str) -> Job | None:
         """What `submit` refuses before it looks at the request's values (a clientId with a job

@@ -348,3 +348,18 @@ def test_preview_frames_are_read_with_and_without_metadata():
     assert parse_preview(protocol.preview_with_metadata_frame(b"PNG", "7", "p-1")) == ("p-1", "7", "image/png", b"PNG")
     assert parse_preview(protocol.progress_text_frame("7", "text")) is None
     assert parse_preview(b"\x00\x00") is None
+
+
+async def test_a_keys_answer_is_committed_with_its_job(v2, monkeypatch):
+    """One transaction: a crash cannot keep the job and lose its key's answer (a retry after the
+    restart would run it twice), nor the reverse."""
+    store = v2.running.bridge.store
+    commits = []
+    commit = store._commit
+
+    def spy(batch, count, deliveries=None, records=None):
+        commit(batch, count, deliveries, records)
+        commits.append(({r["id"] for r in batch.values() if r and r.get("v2")}, set(records or {})))
+    monkeypatch.setattr(store, "_commit", spy)
+    job, _ = await submit(v2, {"workflow": graph(await image(v2))}, key="atomic")
+    assert any(job["id"] in ids and ("idempotency", "jobs:atomic") in keys for ids, keys in commits), commits

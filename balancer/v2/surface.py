@@ -116,7 +116,7 @@ class V2Surface:
             job = build_job(body, self.assets, self.output_path, self.service.backends,
                             self.settings.v2_allowed_node_classes)
             try:
-                await self.service.submit_job(job)
+                saved = self.service.submit_job(job)
             except Busy as exc:
                 raise V2Refused("queue_full", str(exc), retry_after=exc.retry_after) from None
         except BaseException:
@@ -124,8 +124,11 @@ class V2Surface:
                 self.keys.abandon("jobs", key)
             raise
         answer = self.view(job, origin)
-        if key is not None:
-            await self.keys.finish("jobs", key, print_, 201, answer)
+        # The key's answer is committed with the job itself: a crash keeps both or neither.
+        recorded = self.keys.finish("jobs", key, print_, 201, answer) if key is not None else None
+        await saved
+        if recorded is not None:
+            await recorded
         return answer, False
 
     def cancel(self, job: Job) -> None:
