@@ -65,7 +65,6 @@ class AssetsHandler(V2Handler):
         key = check_key(self.request.headers.get("Idempotency-Key"))
         self._recorded = self.v2.keys.begin("assets", key, None) if key is not None else None
         self._key = key if self._recorded is None else None   # ours to finish or abandon
-        self._replay_key = key
         try:
             self.receiver = self.v2.assets.receiver(self.request.headers.get("Content-Type", ""))
         except UploadError as exc:

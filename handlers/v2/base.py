@@ -7,7 +7,7 @@ from tornado import web
 from balancer.errors import Busy, Refused
 from balancer.v2.errors import V2Refused
 
-from ..base import ApiError, JsonHandler, api_key_matches, to_json_bytes, write_detail
+from ..base import ApiError, JsonHandler, api_key_matches, to_json_bytes
 
 API = "/api/v2"
 # The one table from the contract's codes to HTTP statuses.
@@ -99,4 +99,4 @@ class V2Handler(JsonHandler):
         super().log_exception(typ, value, tb)
 
 
-__all__ = ["V2Handler", "envelope", "write_detail", "API"]
+__all__ = ["V2Handler", "envelope", "API"]
