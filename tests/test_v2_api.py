@@ -363,3 +363,18 @@ async def test_a_keys_answer_is_committed_with_its_job(v2, monkeypatch):
     monkeypatch.setattr(store, "_commit", spy)
     job, _ = await submit(v2, {"workflow": graph(await image(v2))}, key="atomic")
     assert any(job["id"] in ids and ("idempotency", "jobs:atomic") in keys for ids, keys in commits), commits
+
+
+async def test_a_browser_origin_may_send_the_v2_headers(sim, bridge_factory):
+    running = await bridge_factory([sim], cors_origins="http://app.example")
+    api = running.api()
+    try:
+        response = await api.fetch("/api/v2/jobs", "OPTIONS", headers={"Origin": "http://app.example"})
+        assert response.code == 204 and response.headers["Access-Control-Allow-Origin"] == "http://app.example"
+        assert "Idempotency-Key" in response.headers["Access-Control-Allow-Headers"]
+        assert "DELETE" in response.headers["Access-Control-Allow-Methods"]
+        assert "Idempotency-Replayed" in response.headers["Access-Control-Expose-Headers"]
+        other = await api.fetch("/api/v2/jobs", "OPTIONS", headers={"Origin": "http://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        api.close()

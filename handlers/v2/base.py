@@ -41,7 +41,8 @@ class V2Handler(JsonHandler):
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
-        if "Access-Control-Allow-Origin" in self._headers:
+        origin = self.request.headers.get("Origin")
+        if self.config.cors_origins and origin and origin.rstrip("/") in self.config.cors_origins:
             self.set_header("Access-Control-Allow-Headers",
                             "Authorization, Content-Type, X-API-Key, Idempotency-Key, Range")
             self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, HEAD, OPTIONS")
