@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 import ujson
@@ -378,3 +379,23 @@ async def test_a_browser_origin_may_send_the_v2_headers(sim, bridge_factory):
         assert "Access-Control-Allow-Origin" not in other.headers
     finally:
         api.close()
+
+
+async def test_outputs_live_until_expires_at_then_job_and_outputs_are_gone(v2):
+    job, _ = await submit(v2, {"workflow": graph(await image(v2))}, key="expiring")
+    done = await finished(v2, job["id"])
+    output = done["outputs"][0]["id"]
+    for _ in range(3):   # fetching consumes nothing
+        assert (await v2.fetch(f"/api/v2/assets/{output}/content")).code == 200
+    service = v2.running.service
+    bridge_job = service.get(f"v2.{job['id']}")
+    assert done["expires_at"].startswith(time.strftime("%Y-%m-%dT", time.gmtime(bridge_job.finished_at + 3600)))
+    service.sweep_expired(bridge_job.finished_at + v2.running.bridge.settings.result_ttl + 1)
+    assert (await v2.fetch(f"/api/v2/jobs/{job['id']}")).code == 404
+    assert (await v2.fetch(f"/api/v2/assets/{output}/content")).code == 404
+    # The key is kept 24 h, whatever became of its job; then it is free again.
+    keys = v2.running.bridge.v2.keys
+    assert keys.begin("jobs", "expiring", None) is not None
+    keys.sweep(time.time() + 24 * 3600 + 1)
+    assert keys.begin("jobs", "expiring", None) is None
+    keys.abandon("jobs", "expiring")
