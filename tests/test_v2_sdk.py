@@ -252,3 +252,32 @@ async def test_previews_the_backend_sends_reach_the_event_stream(two, sdk):
     assert previews and previews[0].node_id == "4" and previews[0].content_type == "image/png"
     assert ImageChops.difference(previews[0].to_pil().convert("RGB"), ImageOps.invert(pixels(source))).getbbox() is None
     assert events[-1].status == "succeeded"
+
+
+async def test_a_v2_job_moves_to_the_other_backend_when_its_backend_dies(two, sdk):
+    """Failover and metrics are the core's, shared with every job: the SDK only sees it succeed."""
+    client = sdk(two)
+    source = png_bytes(seed=13)
+
+    def start():
+        asset = client.assets.from_bytes(source, filename="f.png", content_type="image/png")
+        workflow = client.workflows.from_json(slow_graph("x.png", 60))
+        workflow.set_input("1", "image", asset)
+        return client.submit(workflow)
+
+    job = await asyncio.to_thread(start)
+    bridge_job = await wait_for(lambda: (j := two.service.get(f"v2.{job.id}")).executing and j, TIMEOUT,
+                                what="the job running")
+    first = next(s for s in two.sims if s.address == bridge_job.backend.address)
+    await first.crash()
+    done = await asyncio.to_thread(job.result)
+    data = await asyncio.to_thread(done.outputs[0].to_bytes)
+    assert ImageChops.difference(pixels(data), pixels(source)).getbbox() is None
+    other = next(s for s in two.sims if s is not first)
+    assert bridge_job.last_backend.address == other.address and bridge_job.requeues == 1
+    api = two.api(KEY)
+    try:
+        metrics = (await api.fetch("/metrics")).body.decode()
+    finally:
+        api.close()
+    assert 'bridge_jobs_requeued_total{workflow="v2"} 1.0' in metrics, metrics[:2000]
