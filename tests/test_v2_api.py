@@ -5,6 +5,7 @@ real answers checked against the served document's schemas and against the contr
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 
@@ -399,3 +400,27 @@ async def test_outputs_live_until_expires_at_then_job_and_outputs_are_gone(v2):
     keys.sweep(time.time() + 24 * 3600 + 1)
     assert keys.begin("jobs", "expiring", None) is None
     keys.abandon("jobs", "expiring")
+
+
+async def test_a_large_upload_is_streamed_and_hashed_on_the_way_in(v2):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    asset = await upload(v2, data, file_path="weights.bin", content_type="application/octet-stream",
+                         expected="blake3:" + blake3(data).hexdigest())
+    assert asset["size_bytes"] == len(data) and asset["created_new"] is True
+    content = await v2.fetch(f"/api/v2/assets/{asset['id']}/content")
+    assert content.body == data and content.headers["Content-Type"] == "application/octet-stream"
+    assert not list((v2.running.bridge.settings.assets_dir / ".incoming").iterdir())
+
+
+async def test_an_upload_over_the_limit_is_413_in_the_envelope(sim, bridge_factory):
+    running = await bridge_factory([sim], upload_max_size=1)
+    api = running.api()
+    try:
+        for size in (3 * 1024 * 1024, 1536 * 1024):   # refused by its Content-Length, then mid-body
+            body, ctype = asset_multipart(b"x" * size, file_path="big.bin", content_type="application/octet-stream")
+            response = await api.fetch("/api/v2/assets", "POST", body, headers={"Content-Type": ctype})
+            assert check(response, "/api/v2/assets", "post", 413)["error"]["code"] == "payload_too_large"
+        assert not list((running.bridge.settings.assets_dir / ".incoming").iterdir())
+        assert not list((running.bridge.settings.assets_dir / "blobs").iterdir())
+    finally:
+        api.close()

@@ -180,9 +180,9 @@ async def test_a_job_survives_a_bridge_restart_and_polling_finds_it_done(sim_fac
         asset = client.assets.from_bytes(png_bytes(seed=5), filename="in.png", content_type="image/png")
         workflow = client.workflows.from_json(slow_graph("x.png", 30))
         workflow.set_input("1", "image", asset)
-        return client.submit(workflow, idempotency_key="durable")
+        return client.submit(workflow, idempotency_key="durable"), asset
 
-    job = await asyncio.to_thread(start)
+    job, asset = await asyncio.to_thread(start)
     await wait_for(lambda: first.service.get(f"v2.{job.id}").executing, TIMEOUT, what="the job running")
     settings, port = first.bridge.settings, first.port
     await first.stop()
@@ -199,6 +199,8 @@ async def test_a_job_survives_a_bridge_restart_and_polling_finds_it_done(sim_fac
             workflow = client.workflows.from_json(job.get_workflow().graph)
             return client.submit(workflow, idempotency_key="durable")
         assert (await asyncio.to_thread(replay)).id == job.id
+        kept = await asyncio.to_thread(client.assets.get, asset.id)   # asset records are in the job database
+        assert kept.hash == asset.hash
         assert ContractJob.model_validate(done._model.model_dump(mode="json"))
     finally:
         await second.stop()
