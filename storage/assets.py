@@ -151,8 +151,18 @@ class AssetStore:
         """Forget the asset; its blob goes too unless another asset or a job still needs it."""
         self._assets.pop(asset.id, None)
         self.store.save_record("asset", asset.id, None)
-        blob = self._blobs.get(asset.hash)
-        if blob is None or blob in in_use or any(a.hash == asset.hash for a in self._assets.values()):
+        self._drop_blob(asset.hash, in_use)
+
+    def release(self, paths, in_use: set[Path]) -> None:
+        """A job that used these files ended: blobs whose assets were deleted meanwhile go now."""
+        for path in paths:
+            match = _BLOB.fullmatch(Path(path).name)
+            if match and Path(path).parent == self.blobs_dir:
+                self._drop_blob(match.group(1), in_use)
+
+    def _drop_blob(self, digest: str, in_use: set[Path]) -> None:
+        blob = self._blobs.get(digest)
+        if blob is None or blob in in_use or any(a.hash == digest for a in self._assets.values()):
             return
-        del self._blobs[asset.hash]
+        del self._blobs[digest]
         blob.unlink(missing_ok=True)

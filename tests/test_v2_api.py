@@ -424,3 +424,26 @@ async def test_an_upload_over_the_limit_is_413_in_the_envelope(sim, bridge_facto
         assert not list((running.bridge.settings.assets_dir / "blobs").iterdir())
     finally:
         api.close()
+
+
+async def test_deleting_an_asset_a_queued_job_needs_keeps_its_bytes_for_the_job(sim, bridge_factory):
+    running = await bridge_factory([sim], bridge_api_key=KEY)
+    api = running.api(KEY)
+    try:
+        blocker, _ = await submit(api, {"workflow": graph(await image(api), steps=300)})
+        await wait_for(lambda: running.service.get(f"v2.{blocker['id']}").executing, TIMEOUT, what="running")
+        source = png_bytes(seed=21)
+        asset = await upload(api, source)
+        waiting, _ = await submit(api, {"workflow": graph({"__type": "core/ASSET", "info": {"id": asset["id"]}})})
+        assert waiting["status"] == "queued" and waiting["queue_position"] == 1
+        assert (await api.fetch(f"/api/v2/assets/{asset['id']}", "DELETE")).code == 204
+        assert (await api.fetch(f"/api/v2/assets/by-hash/{asset['hash']}", "HEAD")).code == 200
+        await api.fetch(f"/api/v2/jobs/{blocker['id']}/cancel", "POST")
+        done = await finished(api, waiting["id"])
+        assert done["status"] == "succeeded"
+        content = await api.fetch(f"/api/v2/assets/{done['outputs'][0]['id']}/content")
+        assert content.body[:8] == b"\x89PNG\r\n\x1a\n"
+        # Its job done, the bytes of the deleted asset go too.
+        assert (await api.fetch(f"/api/v2/assets/by-hash/{asset['hash']}", "HEAD")).code == 404
+    finally:
+        api.close()

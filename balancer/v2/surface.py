@@ -63,6 +63,8 @@ class V2Surface:
             self._hash_outputs(job)
         if job.ended:
             self.previews.pop(job.client_id, None)
+            if job.files:
+                self.assets.release(job.files.values(), self.files_in_use())
         self.followers.nudge(job.client_id)
 
     def _previewed(self, job: Job, node_id, content_type: str, image: bytes) -> None:
