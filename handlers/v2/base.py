@@ -66,6 +66,7 @@ class V2Handler(JsonHandler):
         if isinstance(exc, V2Refused):
             code, message, details = exc.code, str(exc), exc.details
             status = STATUS.get(code, 400)
+            self.busy_refusal = code == "queue_full"   # a rate line, as for the original API's 503
             if exc.retry_after is not None:
                 headers["Retry-After"] = str(exc.retry_after)
             if code == "unauthorized":
