@@ -143,6 +143,8 @@ async def test_cancel_a_running_job(two, sdk):
 
     await wait_for(lambda: asyncio.to_thread(running), TIMEOUT, interval=0.05, what="the job running")
     bridge_job = two.service.get(f"v2.{job.id}")
+    # Executing on its backend (not only dispatched, its files still on the way): a stop is seen there.
+    await wait_for(lambda: bridge_job.executing, TIMEOUT, what="the prompt executing")
     prompt_id = bridge_job.prompt_id
     sim = next(s for s in two.sims if s.address == bridge_job.backend.address)
     canceled = await asyncio.to_thread(job.cancel)
