@@ -127,7 +127,12 @@ async def test_outputs_of_jobs_on_both_backends(two, sdk):
     assert sum(ran.values()) == 4 and all(ran.values()), ran
 
 
-async def test_cancel_a_running_job(two, sdk):
+@pytest.mark.parametrize("profile", ["legacy", "0.3.64", "current"])
+async def test_cancel_a_running_job(profile, sim_factory, bridge_factory, sdk):
+    """On every ComfyUI version the simulator imitates (0.3.64 lacks the cancel route the
+    reference gateway relies on): the prompt is stopped on its backend."""
+    sims = [await sim_factory(name="sim-a", profile=profile), await sim_factory(name="sim-b", profile=profile)]
+    two = await bridge_factory(sims, bridge_api_key=KEY)
     client = sdk(two)
 
     def start():
