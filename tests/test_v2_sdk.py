@@ -290,3 +290,21 @@ async def test_a_v2_job_moves_to_the_other_backend_when_its_backend_dies(two, sd
     finally:
         api.close()
     assert 'bridge_jobs_requeued_total{workflow="v2"} 1.0' in metrics, metrics[:2000]
+
+
+@pytest.mark.parametrize("profile", ["legacy", "0.3.64"])
+async def test_the_simplest_flow_on_older_backends(profile, sim_factory, bridge_factory, sdk):
+    sims = [await sim_factory(name="sim-a", profile=profile), await sim_factory(name="sim-b", profile=profile)]
+    client = sdk(await bridge_factory(sims, bridge_api_key=KEY))
+    source = png_bytes(12, 9, seed=17)
+
+    def run():
+        workflow = client.workflows.from_json(invert_graph("x.png"))
+        workflow.set_input("1", "image", client.assets.from_bytes(source, filename="o.png", content_type="image/png"))
+        job = client.submit(workflow)
+        events = list(job.events())
+        return events, client.jobs.get(job.id).outputs[0].to_bytes()
+
+    events, data = await asyncio.to_thread(run)
+    assert events[-1].status == "succeeded" and any(isinstance(e, OutputReady) for e in events)
+    assert ImageChops.difference(pixels(data), ImageOps.invert(pixels(source))).getbbox() is None
