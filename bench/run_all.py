@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ["latency", "peer", "throughput", "flood", "scale", "websockets", "makespan", "idle_gap", "upload", "fairness"]
+SCRIPTS = ["latency", "peer", "v2", "throughput", "flood", "scale", "websockets", "makespan", "idle_gap", "upload", "fairness"]
 
 
 def main() -> int:
