@@ -447,3 +447,23 @@ async def test_deleting_an_asset_a_queued_job_needs_keeps_its_bytes_for_the_job(
         assert (await api.fetch(f"/api/v2/assets/by-hash/{asset['hash']}", "HEAD")).code == 404
     finally:
         api.close()
+
+
+async def test_v2_jobs_belong_to_the_tenant_of_their_key(sim, bridge_factory):
+    running = await bridge_factory([sim], bridge_api_keys="a:key-a,b:key-b")
+    a, b = running.api("key-a"), running.api("key-b")
+    try:
+        body = {"workflow": graph(await image(a))}
+        job, _ = await submit(a, body, key="same-key")
+        assert running.service.get(f"v2.{job['id']}").tenant == "a"
+        # Another tenant does not see it, and its own use of the same Idempotency-Key is its own job.
+        assert (await b.fetch(f"/api/v2/jobs/{job['id']}")).code == 404
+        assert ujson.loads((await b.fetch("/api/v2/jobs")).body)["jobs"] == []
+        other, response = await submit(b, {"workflow": graph(await image(b))}, key="same-key")
+        assert other["id"] != job["id"] and response.headers.get("Idempotency-Replayed") != "true"
+        assert (await finished(a, job["id"]))["status"] == "succeeded"
+        status = ujson.loads((await a.fetch("/status")).body)
+        assert set(status["tenants"]) >= {"a", "b"}
+    finally:
+        a.close()
+        b.close()
