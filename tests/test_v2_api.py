@@ -241,7 +241,7 @@ async def test_idempotency_replay_reuse_conflict_and_refusals_not_recorded(v2, s
     keys.abandon("jobs", "in-flight")
     # A full queue is 429 queue_full, and the key stays free for the retry that follows.
     sim = await sim_factory(name="sim-q")
-    small = await bridge_factory([sim], max_queue=1)
+    small = await bridge_factory([sim], max_queue=1, max_inflight_per_server=1)   # the bridge's own queue
     api = small.api()
     try:
         picture = await image(api)
