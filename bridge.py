@@ -34,9 +34,11 @@ from balancer.hub import StatusHub
 from balancer.metrics import BridgeMetrics
 from balancer.remote_inputs import RemoteInputs
 from balancer.service import JobService
+from balancer.v2.surface import V2Surface
 from balancer.webhooks import WebhookSender
 from settings import (Settings, SettingsError, add_arguments, load_settings, overrides_from_args,
                       setting_source)
+from storage.assets import AssetStore
 from storage.catalog import WorkflowCatalog
 from storage.jobstore import JobStore
 from storage.lock import DataDirInUse, DataDirLock
@@ -72,6 +74,12 @@ class Bridge:
         self.metrics = BridgeMetrics(self.service, self.hub, self.state, webhooks=self.webhooks)
         self.remote_inputs = RemoteInputs(self.catalog, self.uploads, settings.input_url_allowed_hosts,
                                           settings.upload_max_bytes, settings.upload_max_size)
+        # Comfy API v2: a second surface over the same service, its assets and keys in the same database.
+        self.assets = AssetStore(settings.assets_dir, self.store, settings.upload_max_bytes)
+        self.assets.load(self.store.records("asset"))
+        self.v2 = V2Surface(settings, self.service, self.assets, self.store, self.hub)
+        self.v2.keys.load(self.store.records("idempotency"))
+        self.service.observers.append(self.v2.on_job_event)
         # Last: a job's delivery is queued after the log and metrics saw its end (same commit).
         self.service.observers.append(self.webhooks.on_job_event)
         self.refusals = RefusalLog()
@@ -80,7 +88,7 @@ class Bridge:
             default_handler_class=handlers.NotFoundHandler,
             config=settings, service=self.service, catalog=self.catalog, uploads=self.uploads,
             hub=self.hub, state=self.state, metrics=self.metrics, refusals=self.refusals,
-            remote_inputs=self.remote_inputs,
+            remote_inputs=self.remote_inputs, v2=self.v2,
             log_function=log_request,
             websocket_ping_interval=20, websocket_ping_timeout=20,
             websocket_max_message_size=64 * 1024,
@@ -98,6 +106,7 @@ class Bridge:
         self.service.start()
         self.service.restore(self._stored_jobs)
         self._stored_jobs = []
+        self.v2.start()
         self.webhooks.restore(self.store.deliveries())
         self.state.write_if_changed()
         self.hub.start()
@@ -128,6 +137,7 @@ class Bridge:
         """Expired jobs first (in memory), then the disk, off the loop."""
         now = time.time()
         self.service.sweep_expired(now)
+        self.v2.sweep(now)
         keep_uploads, keep_results = self.service.files_in_use()
         return asyncio.get_running_loop().run_in_executor(None, functools.partial(
             sweep_disk, self.uploads, self.results, upload_ttl=self.settings.upload_ttl,

@@ -160,6 +160,24 @@ def _api_keys(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _switch(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be on or off (true/false, 1/0)")
+
+
+def _names(raw: str) -> frozenset[str]:
+    """Comma-separated node class names (ComfyUI's `class_type`); empty: no restriction."""
+    names = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    for name in names:
+        if not name.isprintable() or len(name) > 200:
+            raise ValueError(f"'{name[:40]}' is not a node class name")
+    return names
+
+
 @dataclass(frozen=True)
 class Option:
     key: str
@@ -232,6 +250,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("WEBHOOK_RETRY_FOR", "3600", _positive_float,
            "seconds a webhook delivery is retried (exponential backoff) before it is given up"),
     Option("WEBHOOK_TIMEOUT", "10", _positive_float, "seconds one webhook attempt may take"),
+    Option("V2_API", "on", _switch,
+           "serve Comfy API v2 under /api/v2 (whole graphs, assets, events); off: those routes answer 404"),
+    Option("V2_ALLOWED_NODE_CLASSES", "", _names,
+           "comma-separated node classes a v2 graph may use (empty = any class a backend has)"),
 )
 
 
@@ -272,6 +294,8 @@ class Settings:
     webhook_inline_max: int
     webhook_retry_for: float
     webhook_timeout: float
+    v2_api: bool
+    v2_allowed_node_classes: frozenset[str]
 
     @property
     def api_keys(self) -> dict[str, str]:
@@ -302,6 +326,10 @@ class Settings:
     @property
     def results_dir(self) -> Path:
         return self.data_dir / "results"
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.data_dir / "assets"
 
     def replace(self, **changes) -> "Settings":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

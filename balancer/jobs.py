@@ -53,6 +53,7 @@ class Job:
     webhook: str | None = None      # where the job's end is posted (balancer/webhooks.py)
     tenant: str = DEFAULT_TENANT
     priority: int = 0
+    v2: dict | None = None          # a job submitted through /api/v2: its own data (balancer/v2/)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
@@ -97,10 +98,11 @@ class Job:
             "backend": where.address if where is not None else None,
             "prompt_id": self.prompt_id, "attempts": self.attempts, "requeues": self.requeues,
             "oom_retried": self.oom_retried, "percent": self.percent,
-            "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size}
-                        for r in self.results],
+            "results": [{"name": r.name, "path": str(r.path), "media_type": r.media_type, "size": r.size,
+                         "node_id": r.node_id} for r in self.results],
             "error": self.error, "finished_at": self.finished_at, "webhook": self.webhook,
             "tenant": self.tenant, "priority": self.priority,
+            "v2": self.v2,
         }
 
     @classmethod
@@ -115,11 +117,11 @@ class Job:
             prompt_id=record.get("prompt_id"), attempts=record.get("attempts", 0),
             requeues=record.get("requeues", 0), oom_retried=record.get("oom_retried", False),
             percent=record.get("percent", 0.0),
-            results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"])
-                     for r in record.get("results", ())],
+            results=[result_type(name=r["name"], path=Path(r["path"]), media_type=r["media_type"], size=r["size"],
+                                 node_id=r.get("node_id", "")) for r in record.get("results", ())],
             error=record.get("error", ""), finished_at=record.get("finished_at"), webhook=record.get("webhook"),
             # Records written before tenants and priorities existed: the default ones.
-            tenant=record.get("tenant", DEFAULT_TENANT), priority=record.get("priority", 0))
+            tenant=record.get("tenant", DEFAULT_TENANT), priority=record.get("priority", 0), v2=record.get("v2"))
 
     def status(self, queue_position: int | None = None, waiting_for: str | None = None) -> dict:
         """The job's state in the words of the websocket and /execution-info; a queued job

@@ -55,6 +55,7 @@ class RunEvents(Protocol):
     def progressed(self, job: Job, percent: float) -> None: ...
     def executed(self, job: Job, loads: dict[str, float]) -> None: ...   # the backend is done with it: its
     # slot may move on; `loads`: seconds its loader nodes ran, per model file
+    def previewed(self, job: Job, node_id, content_type: str, image: bytes) -> None: ...
 
 
 class PromptRun:
@@ -274,6 +275,9 @@ class PromptRun:
             if self._deadline_moved is not None and not self._deadline_moved.done():
                 self._deadline_moved.set_result(None)
             self.events.started(self.job)
+        elif kind == "preview":
+            self.events.previewed(self.job, data.get("node"), data["content_type"], data["image"])
+            return
         if self.tracker is not None and self.tracker.on_event(kind, data):
             self.events.progressed(self.job, self.tracker.percent)
 

@@ -70,6 +70,7 @@ class JobService:
         self._end_waiters: dict[str, list[asyncio.Future]] = {}   # job id -> `wait_for_end` callers
         # Called as observer(event, job, backend, detail) on every job transition.
         self.observers: list = [log_job_event]
+        self.preview_listeners: list = []   # called as listener(job, node_id, content_type, image)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -141,6 +142,19 @@ class JobService:
             self.hub.publish(client_id, job.status(position, waiting))
         await saved
         return position
+
+    def submit_job(self, job: Job) -> asyncio.Future:
+        """Queue a job built elsewhere (the v2 surface builds one from a whole graph) under the
+        same refusals, queue and persistence as `submit`; its clientId must be new. Returns the
+        future of its commit: what the caller saves before awaiting it joins the same commit."""
+        if job.client_id in self.jobs:
+            raise Refused(f"clientId '{job.client_id}' already has a job")
+        self._check_room(job.tenant)
+        self.jobs[job.client_id] = job
+        self.queue.append(job)
+        saved = self._transition(job, "queued", queue=len(self.queue))
+        self._schedule_pump()
+        return saved
 
     def check_can_submit(self, client_id: str, tenant: str = DEFAULT_TENANT) -> Job | None:
         """What `submit` refuses before it looks at the request's values (a clientId with a job
@@ -494,6 +508,12 @@ class JobService:
             job.percent = percent
             job.executing = True
             self.hub.publish(job.client_id, job.status())
+
+    def previewed(self, job: Job, node_id, content_type: str, image: bytes) -> None:
+        """A preview image from the backend, for whoever shows previews (kept by none here)."""
+        if job.state is JobState.RUNNING:
+            for listener in self.preview_listeners:
+                listener(job, node_id, content_type, image)
 
     def executed(self, job: Job, loads: dict[str, float] | None = None) -> None:
         """The prompt ended well: learn how long it ran (`loads`: seconds its loader nodes spent,

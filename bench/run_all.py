@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ["latency", "peer", "throughput", "flood", "scale", "websockets", "makespan", "idle_gap", "upload", "mixed", "fairness"]
+SCRIPTS = ["latency", "peer", "v2", "throughput", "flood", "scale", "websockets", "makespan", "idle_gap", "upload",
+           "mixed", "fairness"]
 
 
 def main() -> int:

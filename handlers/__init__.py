@@ -1,7 +1,7 @@
 """Every route of the bridge, joined from each module's own list."""
 from __future__ import annotations
 
-from . import docs, generate, history, jobs, metrics, openapi, server, upload, workflows, ws
+from . import docs, generate, history, jobs, metrics, openapi, server, upload, v2, workflows, ws
 from .base import NotFoundHandler
 
 
@@ -15,6 +15,7 @@ def all_routes(static_dir: str) -> list:
         *ws.routes,
         *server.routes,
         *metrics.routes,
+        *v2.routes,
         *openapi.routes,
         *docs.routes(),
         *server.static_routes(static_dir),

@@ -13,7 +13,8 @@ is in the OS cache); only a power loss can take the last commits.
 The generation count lives here too, written in the same transaction as the job that
 finished, so the two can never disagree. So do pending webhook deliveries (`save_delivery`):
 one queued while a job ends is committed with the job's final record, so a crash cannot keep
-the one and lose the other.
+the one and lose the other. And so do other small keyed records (`save_record`: the v2
+surface's assets and idempotency keys), committed in the same batches as the jobs.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (client_id TEXT PRIMARY KEY, record TEXT NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS webhooks (id TEXT PRIMARY KEY, delivery TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, key TEXT NOT NULL, record TEXT NOT NULL,
+                                    updated REAL NOT NULL, PRIMARY KEY (kind, key));
 """
 
 
@@ -43,6 +46,7 @@ class JobStore:
         self._pending: dict[str, dict | None] = {}
         self._pending_count: int | None = None
         self._pending_deliveries: dict[str, dict | None] = {}
+        self._pending_records: dict[tuple[str, str], dict | None] = {}
         self._waiters: list[asyncio.Future] = []
         self._writer: asyncio.Task | None = None
 
@@ -99,6 +103,19 @@ class JobStore:
                 log.error("unreadable webhook delivery %s skipped", delivery_id)
         return found
 
+    def records(self, kind: str) -> list[dict]:
+        """Every stored record of `kind`, oldest first (start-up, blocking, after `open`)."""
+        return self._thread.submit(self._read_records, kind).result()
+
+    def _read_records(self, kind: str) -> list[dict]:
+        found = []
+        for key, raw in self._db.execute("SELECT key, record FROM records WHERE kind=? ORDER BY updated", (kind,)):
+            try:
+                found.append(ujson.loads(raw))
+            except ValueError:
+                log.error("unreadable %s record %s skipped", kind, key)
+        return found
+
     # ------------------------------------------------------------------ writes
     def save(self, client_id: str, record: dict | None, generation_count: int | None = None) -> asyncio.Future:
         """Upsert (or, with record None, delete) a job row; the future resolves once committed."""
@@ -110,6 +127,11 @@ class JobStore:
     def save_delivery(self, delivery_id: str, delivery: dict | None) -> asyncio.Future:
         """Upsert (or, with None, delete) a pending webhook delivery; resolves once committed."""
         self._pending_deliveries[delivery_id] = delivery
+        return self._wake()
+
+    def save_record(self, kind: str, key: str, record: dict | None) -> asyncio.Future:
+        """Upsert (or, with None, delete) a keyed record of `kind`; resolves once committed."""
+        self._pending_records[(kind, key)] = record
         return self._wake()
 
     def _wake(self) -> asyncio.Future:
@@ -124,13 +146,14 @@ class JobStore:
         # One loop pass first: what the same pass changes (a job queued and at once dispatched,
         # with its prompt id) goes to disk in one commit instead of two in a row.
         await asyncio.sleep(0)
-        while self._pending or self._pending_count is not None or self._pending_deliveries:
+        while self._pending or self._pending_count is not None or self._pending_deliveries or self._pending_records:
             batch, self._pending = self._pending, {}
             count, self._pending_count = self._pending_count, None
             deliveries, self._pending_deliveries = self._pending_deliveries, {}
+            records, self._pending_records = self._pending_records, {}
             waiters, self._waiters = self._waiters, []
             try:
-                await loop.run_in_executor(self._thread, self._commit, batch, count, deliveries)
+                await loop.run_in_executor(self._thread, self._commit, batch, count, deliveries, records)
             except Exception as exc:  # a failed write must not lose the loop; say it loudly
                 log.error("job database write failed: %s", exc)
                 for waiter in waiters:
@@ -142,7 +165,8 @@ class JobStore:
                     waiter.set_result(None)
 
     def _commit(self, batch: dict[str, dict | None], count: int | None,
-                deliveries: dict[str, dict | None] | None = None) -> None:
+                deliveries: dict[str, dict | None] | None = None,
+                records: dict[tuple[str, str], dict | None] | None = None) -> None:
         db = self._db
         now = time.time()
         db.execute("BEGIN")
@@ -162,6 +186,12 @@ class JobStore:
                 else:
                     db.execute("INSERT OR REPLACE INTO webhooks (id, delivery, updated) VALUES (?,?,?)",
                                (delivery_id, ujson.dumps(delivery, escape_forward_slashes=False), now))
+            for (kind, key), record in (records or {}).items():
+                if record is None:
+                    db.execute("DELETE FROM records WHERE kind=? AND key=?", (kind, key))
+                else:
+                    db.execute("INSERT OR REPLACE INTO records (kind, key, record, updated) VALUES (?,?,?,?)",
+                               (kind, key, ujson.dumps(record, escape_forward_slashes=False), now))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

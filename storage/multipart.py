@@ -182,6 +182,7 @@ class _Part:
     file: IO[bytes] | None = None
     temp: Path | None = None
     saved_name: str = ""
+    hasher: object | None = None   # the receiver's `new_hasher()`, fed the file's bytes
 
     @property
     def label(self) -> str:
@@ -200,9 +201,14 @@ class MultipartReceiver:
 
     def __init__(self, boundary: bytes, *, directory: Path, incoming: Path,
                  new_name: Callable[[FileKind], str], max_total_bytes: int, max_parts: int,
-                 max_header_bytes: int, max_field_bytes: int):
+                 max_header_bytes: int, max_field_bytes: int,
+                 detect: Callable[..., FileKind | None] = detect_kind, keep_fields: bool = False,
+                 new_hasher: Callable[[], object] | None = None):
         """Finished files are renamed into `directory`, under `new_name(kind)`; while being
-        received they are `<incoming>/<that name>.part`."""
+        received they are `<incoming>/<that name>.part`. `detect(head, complete=)` names a
+        file's kind (None: refused); with `keep_fields` the plain fields' values are kept in
+        `fields`; with `new_hasher` (e.g. blake3) each file's digest is computed on the way in
+        and left in `digests` (hex, by field name)."""
         self._directory = directory
         self._incoming = incoming
         self._new_name = new_name
@@ -224,6 +230,11 @@ class MultipartReceiver:
         self._temps: list[Path] = []
         self._finals: list[Path] = []
         self._error: UploadError | None = None
+        self._detect = detect
+        self._keep_fields = keep_fields
+        self._new_hasher = new_hasher
+        self.fields: dict[str, str] = {}
+        self.digests: dict[str, str] = {}
 
     # -- public interface
 
@@ -450,6 +461,8 @@ class MultipartReceiver:
             if part.size > self._max_field_bytes:
                 raise UploadError(f"form field '{display_text(part.identifier)}' is larger than "
                                   f"{self._max_field_bytes} bytes; send files with a file name")
+            if self._keep_fields:
+                part.head += data[start:end]
             return
         if part.file is None:
             take = min(SNIFF_BYTES - len(part.head), size)
@@ -460,10 +473,13 @@ class MultipartReceiver:
             self._open_part_file(part, complete=False)
         if start < end:
             assert part.file is not None
-            part.file.write(memoryview(data)[start:end])
+            chunk = memoryview(data)[start:end]
+            part.file.write(chunk)
+            if part.hasher is not None:
+                part.hasher.update(chunk)
 
     def _open_part_file(self, part: _Part, complete: bool) -> None:
-        kind = detect_kind(bytes(part.head), complete=complete)
+        kind = self._detect(bytes(part.head), complete=complete)
         if kind is None:
             raise UploadError(f"{part.label}: unsupported file type; accepted: {ACCEPTED_LABELS}")
         part.saved_name = self._new_name(kind)
@@ -471,12 +487,17 @@ class MultipartReceiver:
         self._temps.append(part.temp)          # listed before it exists: abort always finds it
         part.file = _open_new(part.temp)
         part.file.write(part.head)
+        if self._new_hasher is not None:
+            part.hasher = self._new_hasher()
+            part.hasher.update(part.head)
         part.head = bytearray()
 
     def _end_part(self) -> None:
         part, self._part = self._part, None
         assert part is not None
         if not part.is_file:
+            if self._keep_fields:
+                self.fields[part.identifier] = bytes(part.head).decode("utf-8", "replace")
             return
         if part.file is None:
             if part.size == 0:
@@ -491,4 +512,6 @@ class MultipartReceiver:
         assert part.file is not None
         part.file.close()
         part.file = None
+        if part.hasher is not None:
+            self.digests[part.identifier] = part.hasher.hexdigest()
         self._complete.append(part)

@@ -40,6 +40,7 @@ class ResultFile:
     path: Path         # where the bridge keeps it
     media_type: str
     size: int
+    node_id: str = ""  # the graph node that produced it (the v2 surface shows it)
 
 
 class ResultStore:

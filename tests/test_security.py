@@ -38,8 +38,12 @@ async def keyed_bridge(sim, bridge_factory, **settings):
 
 
 def detail(response) -> str:
+    """The error's words: `detail`, or under /api/v2 the message of Comfy API v2's envelope."""
     assert response.headers.get("Content-Type", "").startswith("application/json"), response.headers
     body = ujson.loads(response.body)
+    if response.request.url.split("?")[0].split("/", 3)[-1].startswith("api/v2/"):
+        assert set(body) == {"error"}, body
+        return body["error"]["message"]
     assert set(body) == {"detail"}, body
     return body["detail"]
 

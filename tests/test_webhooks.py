@@ -296,8 +296,8 @@ async def test_the_delivery_is_committed_with_the_jobs_end(sim_factory, bridge_f
     commits = []  # (job states written, deliveries written) per commit
     commit = store._commit
 
-    def spy(batch, count, deliveries=None):
-        commit(batch, count, deliveries)
+    def spy(batch, count, deliveries=None, records=None):
+        commit(batch, count, deliveries, records)
         commits.append(([r["state"] for r in batch.values() if r],
                         {k: dict(v) if v else v for k, v in (deliveries or {}).items()}))
     monkeypatch.setattr(store, "_commit", spy)

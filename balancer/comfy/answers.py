@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ujson
+
 MAX_REASON = 600
 
 
@@ -181,3 +183,29 @@ def input_limits(spec) -> dict:
 def _finite(value) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and value == value and value not in (float("inf"), float("-inf")))
+
+
+_PREVIEW_TYPES = {1: "image/jpeg", 2: "image/png"}
+
+
+def parse_preview(frame: bytes) -> tuple[str | None, str | None, str, bytes] | None:
+    """(prompt id, node id, content type, image) of a binary preview frame: type 1 (a format
+    number, then the image; no prompt named) or type 4 (JSON metadata naming the prompt and
+    node, then the image); None for any other frame (type 3 is progress text)."""
+    if len(frame) < 8:
+        return None
+    kind, second = int.from_bytes(frame[:4], "big"), int.from_bytes(frame[4:8], "big")
+    if kind == 1:
+        return None, None, _PREVIEW_TYPES.get(second, "image/jpeg"), frame[8:]
+    if kind == 4 and 8 + second <= len(frame):
+        try:
+            meta = ujson.loads(frame[8:8 + second])
+        except ValueError:
+            return None
+        if not isinstance(meta, dict):
+            return None
+        prompt_id, node_id = meta.get("prompt_id"), meta.get("node_id")
+        content_type = meta.get("image_type") if isinstance(meta.get("image_type"), str) else "image/png"
+        return (prompt_id if isinstance(prompt_id, str) else None, str(node_id) if node_id is not None else None,
+                content_type, frame[8 + second:])
+    return None

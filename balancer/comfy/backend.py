@@ -25,6 +25,7 @@ import ujson
 from tornado import httpclient, websocket
 
 from ..affinity import GpuBelief
+from .answers import parse_preview
 from .files import UploadCache
 from .http import CONNECT_TIMEOUT, BackendRejected, BackendUnavailable, Transport
 
@@ -102,6 +103,7 @@ class Backend:
         self._abandoned: set[str] = set()    # prompts whose jobs were moved elsewhere
         self._listeners: dict[str, PromptListener] = {}
         self._unrouted: dict[str, deque] = {}
+        self._executing: tuple[str | None, str | None] = (None, None)   # prompt and node, from `executing`
         self._ws: websocket.WebSocketClientConnection | None = None
         self._supervisor: asyncio.Task | None = None
         self._closing = False
@@ -315,8 +317,11 @@ class Backend:
             message = await ws.read_message()
             if message is None:
                 return
-            if isinstance(message, bytes) or '"prompt_id"' not in message:
-                continue  # binary previews, and status broadcasts that name no prompt: not routed
+            if isinstance(message, bytes):
+                self._route_preview(message)
+                continue
+            if '"prompt_id"' not in message:
+                continue  # status broadcasts that name no prompt: not routed
             try:
                 parsed = ujson.loads(message)
                 kind, data = parsed["type"], parsed.get("data") or {}
@@ -334,10 +339,26 @@ class Backend:
         self._listeners.pop(prompt_id, None)
         self._unrouted.pop(prompt_id, None)
 
+    def _route_preview(self, frame: bytes) -> None:
+        """A preview image goes to its prompt's listener as a `preview` event; a frame that
+        names no prompt belongs to the one executing (ComfyUI executes one prompt at a time)."""
+        preview = parse_preview(frame)
+        if preview is None:
+            return
+        prompt_id, node_id, content_type, image = preview
+        if prompt_id is None:
+            prompt_id, node_id = self._executing
+        listener = self._listeners.get(prompt_id) if prompt_id else None
+        if listener is not None:
+            listener.on_backend_event("preview", {"prompt_id": prompt_id, "node": node_id,
+                                                  "content_type": content_type, "image": image})
+
     def _route(self, kind: str, data: dict) -> None:
         prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
         if not prompt_id:
             return  # status broadcasts and reconnect re-announcements carry no prompt
+        if kind == "executing":
+            self._executing = (prompt_id, data.get("node"))
         listener = self._listeners.get(prompt_id)
         if listener is not None:
             listener.on_backend_event(kind, data)

@@ -141,7 +141,8 @@ async def download_to(backend: "Backend", item: OutputItem, target: Path, keep=N
         sink.close()
     if keep is not None and sink.whole is not None:
         keep(target, sink.whole)
-    return ResultFile(name=item.filename, path=target, media_type=media_type_for(item.filename), size=sink.size)
+    return ResultFile(name=item.filename, path=target, media_type=media_type_for(item.filename), size=sink.size,
+                      node_id=str(item.node_id))
 
 
 class _DownloadSink:
