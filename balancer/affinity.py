@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
 SAMPLES_KEPT = 20           # recent run times kept per backend, workflow and warm/cold
 DEFAULT_RUN_SECONDS = 1.0   # a guess for a workflow never seen anywhere: all backends alike
+# Before any load was seen anywhere, a load is taken to cost this many runs of the job: loading
+# a checkpoint takes seconds where a run often takes less, and counting it as free would spread
+# the first jobs' models over every backend.
+UNSEEN_LOAD_RUNS = 4.0
 
 
 def loader_nodes(graph: dict) -> dict[str, frozenset[str]]:
@@ -118,9 +122,10 @@ class Estimator:
     def expected(self, backend, alias: str, cold: frozenset[str] = frozenset()) -> float:
         """Seconds a job of `alias` should take on `backend` once started, loading the files `cold`."""
         run = self.run_time(alias, backend, not cold)
-        for model in cold:
-            run += self.load_time(backend, model)
-        return run
+        loads = sum(self.load_time(backend, model) for model in cold)
+        if cold and self._farm_load(None) is None:
+            loads = UNSEEN_LOAD_RUNS * run * len(cold)
+        return run + loads
 
     def run_time(self, alias: str, backend, warm: bool) -> float:
         """The run without its loads: this backend's, else the farm's, warm or cold (the other

@@ -326,7 +326,9 @@ def test_a_backend_that_never_ran_a_workflow_or_loaded_a_file_is_estimated_from_
     assert estimate.expected(new, "t2i") == 2.0
     assert estimate.expected(new, "t2i", frozenset({SDXL})) == 6.0
     assert estimate.load_time(new, "other.safetensors") == 4.0     # any file's load, when that one was never seen
-    assert Estimator([new]).expected(new, "never-seen", frozenset({SDXL})) == DEFAULT_RUN_SECONDS  # no load seen: 0
+    # no load seen anywhere yet: taken to cost UNSEEN_LOAD_RUNS runs
+    from balancer.affinity import UNSEEN_LOAD_RUNS
+    assert Estimator([new]).expected(new, "never-seen", frozenset({SDXL})) == DEFAULT_RUN_SECONDS * (1 + UNSEEN_LOAD_RUNS)
 
 
 def test_the_lookahead_stops_a_pass_even_when_every_job_waits_for_a_busy_backend():
