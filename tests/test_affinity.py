@@ -47,12 +47,17 @@ async def test_alternating_checkpoints_settle_one_per_backend(sim_factory, bridg
     api.close()
 
 
-async def test_after_a_free_the_bridge_knows_nothing_is_loaded(sim_factory, bridge_factory):
+async def one_model_loaded(sim_factory, bridge_factory):
+    """A two-backend farm that has run one job: (sims, bridge, api)."""
     sims, bridge = await two_model_farm(sim_factory, bridge_factory, load_seconds=0.05)
     api = bridge.api()
-    client_id = await text_to_image(api, CHECKPOINTS[0], seed=1)
-    await api.wait_status(client_id, "closed")
+    await api.wait_status(await text_to_image(api, CHECKPOINTS[0], seed=1), "closed")
     assert any(b.gpu.models for b in bridge.service.backends)
+    return sims, bridge, api
+
+
+async def test_after_a_free_the_bridge_knows_nothing_is_loaded(sim_factory, bridge_factory):
+    sims, bridge, api = await one_model_loaded(sim_factory, bridge_factory)
     await api.json("/free", "POST")
     await wait_for(lambda: not any(b.gpu.models for b in bridge.service.backends), what="beliefs cleared")
     status = await api.json("/status")
@@ -61,10 +66,7 @@ async def test_after_a_free_the_bridge_knows_nothing_is_loaded(sim_factory, brid
 
 
 async def test_a_backend_that_came_back_is_believed_to_hold_nothing(sim_factory, bridge_factory):
-    sims, bridge = await two_model_farm(sim_factory, bridge_factory, load_seconds=0.05)
-    api = bridge.api()
-    client_id = await text_to_image(api, CHECKPOINTS[0], seed=1)
-    await api.wait_status(client_id, "closed")
+    sims, bridge, api = await one_model_loaded(sim_factory, bridge_factory)
     [(sim, backend)] = [(s, b) for s, b in zip(sims, bridge.service.backends) if b.gpu.models]
     await sim.crash()
     await wait_for(lambda: not backend.up, what="the backend seen down")
