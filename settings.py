@@ -109,6 +109,10 @@ def _webhook_url(raw: str) -> str:
     return url
 
 
+# Options whose values are never shown, in errors or anywhere else.
+SECRET_OPTIONS = frozenset({"BRIDGE_API_KEY", "BRIDGE_API_KEYS", "WEBHOOK_SECRET"})
+
+
 def _webhook_secret(raw: str) -> str:
     from balancer.webhooks import secret_key
     secret = raw.strip()
@@ -363,7 +367,8 @@ def load_settings(
                 reason = "not an integer"
             elif "could not convert" in reason:
                 reason = "not a number"
-            raise SettingsError(f"{opt.key}: {raw[opt.key]!r} is invalid ({reason})") from None
+            shown = "the value given" if opt.key in SECRET_OPTIONS else repr(raw[opt.key])
+            raise SettingsError(f"{opt.key}: {shown} is invalid ({reason})") from None
     if not values["comfyui_servers"]:
         raise SettingsError("COMFYUI_SERVERS: '' is invalid (list at least one host:port)")
     _check_keys_apart(values["bridge_api_key"], values["bridge_api_keys"])

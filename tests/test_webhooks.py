@@ -353,3 +353,10 @@ async def test_an_address_that_turns_internal_after_the_check_is_never_connected
     counts = await settled(bridge)
     assert counts["gave_up"] == 1 and counts["delivered"] == 0 and hook.calls == []
     api.close()
+
+
+def test_a_bad_webhook_secret_is_refused_without_showing_it():
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"WORKFLOW_DIR": str(ROOT / "workflows"), "WEBHOOK_SECRET": "whsec_not-base64-secret!"},
+                      env={}, dotenv_path=None, check_paths=False)
+    assert "WEBHOOK_SECRET" in str(refused.value) and "not-base64-secret" not in str(refused.value)
