@@ -22,9 +22,10 @@ then round robin.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Iterable, Sequence
 
@@ -86,6 +87,9 @@ LOOKAHEAD = 16
 # prompts waiting, so that what waits covers this time and its GPU still never idles.
 REACTION_SECONDS = 0.025
 EXTRA_WAITING_MAX = 4
+# An idle GPU takes the job unless a busy one is expected to end it this much sooner: estimates
+# are means of runs that vary (steps, inputs), and a GPU left idle on their noise is lost work.
+IDLE_MARGIN = 0.25
 # Jobs at the front of the queue whose models count as wanted soon (a cold placement that
 # would evict one of them is charged its reload).
 WANTED_WINDOW = 64
@@ -132,8 +136,9 @@ class Scheduler:
         Its cost does not grow with the queue: it returns at once when no backend has room, places
         or keeps waiting no more than the free slots + LOOKAHEAD jobs, reads no more than
         WANTED_WINDOW jobs ahead, and once a job found no backend with room that may run it,
-        passes over the jobs alike in what they may run on (`_constraints`). Each job it looks at
-        is compared on every backend up, busy ones too."""
+        passes over the jobs alike in what they may run on (`_constraints`). Every backend up is
+        compared, busy ones too, once per kind of job (`_Choices`): for the next job of that kind
+        only the backends this pass already gave a job are compared again."""
         up = [(i, b) for i, b in enumerate(backends) if b.up]
         limit = {i: self.capacity(b) for i, b in up}
         free = sum(limit[i] - b.load for i, b in up if b.load < limit[i])
@@ -141,12 +146,13 @@ class Scheduler:
             return []  # the common case under load: one pass over the backends, none over the queue
         jobs = iter(queue)
         front = list(islice(jobs, WANTED_WINDOW))
-        wanted = Counter(m for job in front for m in job.models)   # models the front of the queue needs
         estimate = Estimator(list(backends))
-        ready = {i: now + b.backlog(now, estimate.expected) for i, b in up}   # when each would have done what it has
-        load = {i: b.load for i, b in up}
-        planned: dict[int, list] = {}      # models of the jobs placed or waiting there in this pass, in order
-        count = len(backends)
+        state = _PassState(
+            backends=backends, estimate=estimate, count=len(backends), now=now,
+            wanted=Counter(m for job in front for m in job.models),   # models the front of the queue needs
+            ready={i: now + b.backlog(now, estimate.expected) for i, b in up},   # when each would have done what it has
+            load={i: b.load for i, b in up})
+        choices: dict[tuple, _Choices] = {}
         placed: list[Placement] = []
         stuck: set[tuple] = set()
         budget = free + LOOKAHEAD
@@ -154,38 +160,40 @@ class Scheduler:
             kind = _constraints(job)
             if kind in stuck:
                 continue
-            best, best_key, best_run, best_cold = None, None, 0.0, frozenset()
-            for index, backend in up:
-                if best_key is not None and ready[index] > best_key[0]:
-                    continue  # busy past the best end found: cannot end it sooner
-                if not can_run(job, backend):
-                    continue
-                before = planned.get(index, ())
-                held = (held_after(backend, before) if before else backend.gpu.models) if job.models else ()
-                cold = job.models.difference(held)
-                run = estimate.expected(backend, job.alias, cold)
-                key = (ready[index] + run + self._eviction_cost(estimate, backend, before, held, cold, job, wanted),
-                       bool(cold), load[index], (index - self._next) % count)
-                if best_key is None or key < best_key:
-                    best, best_key, best_run, best_cold = index, key, run, cold
-            if best is None or (load[best] >= limit[best]
-                                and not any(load[i] < limit[i] and can_run(job, b) for i, b in up)):
+            alike = choices.get((kind, job.alias, job.models))
+            if alike is None:
+                alike = choices[(kind, job.alias, job.models)] = _Choices(self, job, up, state, limit)
+            best = alike.best(job)
+            if best is None or (state.load[best[1]] >= limit[best[1]] and not alike.room(limit)):
                 stuck.add(kind)  # none that may run it has room now: none has for a job alike either
                 continue
+            key, index, run, cold = best
             budget -= 1
-            wanted.subtract(job.models)
-            ready[best] += best_run     # committed there, for the jobs behind it, placed or not
-            planned.setdefault(best, []).append(job.models)
-            if load[best] < limit[best]:
-                placed.append(Placement(job, backends[best], best_run, best_cold))
-                load[best] += 1
-                self._next = (best + 1) % count
+            state.wanted.subtract(job.models)
+            state.ready[index] += run     # committed there, for the jobs behind it, placed or not
+            state.planned.setdefault(index, []).append(job.models)
+            state.touch(index)
+            if state.load[index] < limit[index]:
+                placed.append(Placement(job, backends[index], run, cold))
+                state.load[index] += 1
+                self._next = (index + 1) % state.count
                 free -= 1
                 if not free:
                     break
             if not budget:
                 break
         return placed
+
+    def entry(self, job, index: int, state: "_PassState") -> tuple:
+        """(key, index, run, cold) of the job on that backend: the smallest key wins."""
+        backend = state.backends[index]
+        before = state.planned.get(index, ())
+        held = (held_after(backend, before) if before else backend.gpu.models) if job.models else ()
+        cold = job.models.difference(held)
+        run = state.estimate.expected(backend, job.alias, cold)
+        end = state.ready[index] + run + self._eviction_cost(state.estimate, backend, before, held, cold, job,
+                                                            state.wanted)
+        return (end, bool(cold), state.load[index], (index - self._next) % state.count), index, run, cold
 
     @staticmethod
     def _eviction_cost(estimate, backend, planned: list, held, cold, job, wanted: Counter) -> float:
@@ -195,3 +203,74 @@ class Scheduler:
             return 0.0
         pushed = set(held).difference(held_after(backend, [*planned, job.models]))
         return sum(estimate.load_time(backend, m) for m in pushed if wanted[m] > 0)
+
+
+@dataclass
+class _PassState:
+    """What one `plan` pass knows and changes as it places jobs."""
+    backends: Sequence
+    estimate: Estimator
+    count: int
+    now: float
+    wanted: Counter
+    ready: dict
+    load: dict
+    planned: dict = field(default_factory=dict)   # index -> models of the jobs placed or waiting there, in order
+    touched: dict = field(default_factory=dict)   # index this pass gave a job -> how many
+    log: list = field(default_factory=list)       # those indexes, in the order given
+
+    def touch(self, index: int) -> None:
+        self.touched[index] = self.touched.get(index, 0) + 1
+        self.log.append(index)
+
+
+class _Choices:
+    """One kind of job's entries on every backend that may run it, computed once in a pass: the
+    entries of backends the pass has not touched since stay right (their work, load and models
+    are unchanged), so the next job of the kind compares the best of them with the touched ones."""
+
+    def __init__(self, scheduler: Scheduler, job, up: list, state: _PassState, limit: dict):
+        self.scheduler, self.state = scheduler, state
+        able = [i for i, b in up if can_run(job, b)]
+        self.able = set(able)
+        self.entries = sorted(scheduler.entry(job, i, state) for i in able if i not in state.touched)
+        self.idle = [e for e in self.entries if state.load[e[1]] == 0]   # GPUs with nothing to do
+        self.next = self.next_idle = 0
+        self.with_room = [i for i in able if state.load[i] < limit[i]]
+        # Touched backends: their entries computed again once per touch, in a heap; an entry is
+        # stale when its backend was touched again since.
+        self.heap: list = []
+        self.seen = 0       # how much of the pass's touch log is in the heap
+
+    def best(self, job):
+        """The entry that ends the job first; an idle GPU's instead when it ends it within
+        IDLE_MARGIN of that (a touched backend is never idle: it was given a job, or is full)."""
+        state = self.state
+        for index in state.log[self.seen:]:
+            if index in self.able:
+                key, _, run, cold = self.scheduler.entry(job, index, state)
+                heapq.heappush(self.heap, (key, index, state.touched[index], run, cold))
+        self.seen = len(state.log)
+        while self.heap and self.heap[0][2] != state.touched[self.heap[0][1]]:
+            heapq.heappop(self.heap)
+        while self.next < len(self.entries) and self.entries[self.next][1] in state.touched:
+            self.next += 1
+        while self.next_idle < len(self.idle) and self.idle[self.next_idle][1] in state.touched:
+            self.next_idle += 1
+        candidates = self.entries[self.next:self.next + 1]
+        if self.heap:
+            key, index, _, run, cold = self.heap[0]
+            candidates.append((key, index, run, cold))
+        best = min(candidates, default=None)
+        if best is None or state.load[best[1]] == 0:
+            return best
+        idle = self.idle[self.next_idle] if self.next_idle < len(self.idle) else None
+        if idle is not None and idle[0][0] - state.now <= (best[0][0] - state.now) * (1 + IDLE_MARGIN):
+            return idle
+        return best
+
+    def room(self, limit: dict) -> bool:
+        """Has any backend that may run this kind a free slot left?"""
+        load = self.state.load
+        return any(load[i] < limit[i] for i in self.with_room)
+

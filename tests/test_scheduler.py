@@ -355,3 +355,15 @@ def test_a_backend_whose_runs_are_shorter_than_the_bridges_reaction_gets_more_wa
     tiny.load = 2
     plan = scheduler.plan([FakeJob(alias="blank") for _ in range(10)], [tiny], 0.0)
     assert len(plan) == EXTRA_WAITING_MAX
+
+
+@pytest.mark.parametrize("idle_run, chosen", [(2.4, "idle"), (2.6, "busy")])
+def test_an_idle_gpu_takes_the_job_unless_a_busy_one_ends_it_clearly_sooner(idle_run, chosen):
+    from balancer.scheduler import IDLE_MARGIN
+    busy, idle = backends(2)
+    learned(busy, run=1.0)
+    learned(idle, run=idle_run)
+    busy.load, busy.work = 1, 1.0              # ends a new job at 2.0; the margin allows 2.0 x 1.25
+    assert 1 + IDLE_MARGIN == 1.25
+    [placed] = Scheduler(2).plan([FakeJob(alias="t2i")], [busy, idle], 0.0)
+    assert placed.backend is {"idle": idle, "busy": busy}[chosen]
