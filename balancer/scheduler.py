@@ -87,8 +87,9 @@ LOOKAHEAD = 16
 # prompts waiting, so that what waits covers this time and its GPU still never idles.
 REACTION_SECONDS = 0.025
 EXTRA_WAITING_MAX = 4
-# An idle GPU takes the job unless a busy one is expected to end it this much sooner: estimates
-# are means of runs that vary (steps, inputs), and a GPU left idle on their noise is lost work.
+# An idle GPU takes the job unless a busy one is expected to end it this much sooner (or it would
+# have to load a model the busy one holds): estimates are means of runs that vary (steps,
+# inputs), and a GPU left idle on their noise is lost work.
 IDLE_MARGIN = 0.25
 # Jobs at the front of the queue whose models count as wanted soon (a cold placement that
 # would evict one of them is charged its reload).
@@ -244,7 +245,8 @@ class _Choices:
 
     def best(self, job):
         """The entry that ends the job first; an idle GPU's instead when it ends it within
-        IDLE_MARGIN of that (a touched backend is never idle: it was given a job, or is full)."""
+        IDLE_MARGIN of that without a load the best one would not make (a touched backend is
+        never idle: it was given a job, or is full)."""
         state = self.state
         for index in state.log[self.seen:]:
             if index in self.able:
@@ -265,7 +267,8 @@ class _Choices:
         if best is None or state.load[best[1]] == 0:
             return best
         idle = self.idle[self.next_idle] if self.next_idle < len(self.idle) else None
-        if idle is not None and idle[0][0] - state.now <= (best[0][0] - state.now) * (1 + IDLE_MARGIN):
+        if (idle is not None and (best[3] or not idle[3])   # never a load for the margin's sake
+                and idle[0][0] - state.now <= (best[0][0] - state.now) * (1 + IDLE_MARGIN)):
             return idle
         return best
 
