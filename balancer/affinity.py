@@ -61,6 +61,7 @@ class GpuBelief:
         self.typical_run: float | None = None              # their median
         self._loads: dict[str, deque] = {}                 # model file -> seconds its loads took here
         self._load_means: dict[str, float] = {}
+        self._load_mean_any: float | None = None           # the mean of those means
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -96,13 +97,13 @@ class GpuBelief:
         samples = self._loads.setdefault(model, deque(maxlen=SAMPLES_KEPT))
         samples.append(seconds)
         self._load_means[model] = sum(samples) / len(samples)
+        self._load_mean_any = sum(self._load_means.values()) / len(self._load_means)
 
     def load_mean(self, model: str | None = None) -> float | None:
         """This backend's mean load of `model`, or of any file it loaded (None: not seen)."""
         if model is not None:
             return self._load_means.get(model)
-        means = list(self._load_means.values())
-        return sum(means) / len(means) if means else None
+        return self._load_mean_any
 
     def samples(self, alias: str, warm: bool) -> deque | tuple:
         return self._runs.get((alias, warm), ())
@@ -122,8 +123,10 @@ class Estimator:
     def expected(self, backend, alias: str, cold: frozenset[str] = frozenset()) -> float:
         """Seconds a job of `alias` should take on `backend` once started, loading the files `cold`."""
         run = self.run_time(alias, backend, not cold)
+        if not cold:
+            return run
         loads = sum(self.load_time(backend, model) for model in cold)
-        if cold and self._farm_load(None) is None:
+        if self._farm_load(None) is None:
             loads = UNSEEN_LOAD_RUNS * run * len(cold)
         return run + loads
 
