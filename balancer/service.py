@@ -4,8 +4,9 @@ applied (state, queue, persistence, client messages).
 Handlers call `submit`, `wait_for_end`, `status_of`, `cancel`, `interrupt`, `history`,
 `results_sent`, `free` and `snapshot`. The scheduler (`scheduler.py`) decides where a queued
 job runs; a run (`run.py`) carries one prompt on one backend and ends with an outcome, applied
-here. A backend only ever receives a job when it has a free slot, so the bridge's queue is the
-only queue that matters and cancelling a queued job never touches a backend.
+here. A backend receives a job only when it has a free slot (MAX_INFLIGHT_PER_SERVER: the
+prompt it runs and those waiting in its own queue, scheduler.py), so cancelling a job still in
+the bridge's queue never touches a backend.
 """
 from __future__ import annotations
 
@@ -127,16 +128,7 @@ class JobService:
         job.tenant, job.priority = tenant, priority
         if current is not None:
             self._forget(current)
-        self.jobs[client_id] = job
-        self.queue.append(job)
-        position = self.queue.position(job)
-        facts = {"queue": position}
-        if tenant != DEFAULT_TENANT:  # whose job and its priority, in its log line, when not the defaults
-            facts["tenant"] = tenant
-        if priority:
-            facts["priority"] = priority
-        saved = self._transition(job, "queued", **facts)
-        self._schedule_pump()
+        position, saved = self._enqueue(job)
         waiting = self.waiting_for(job)
         if waiting is not None:  # its socket (if open) learns why nothing happens
             self.hub.publish(client_id, job.status(position, waiting))
@@ -150,11 +142,21 @@ class JobService:
         if job.client_id in self.jobs:
             raise Refused(f"clientId '{job.client_id}' already has a job")
         self._check_room(job.tenant)
+        return self._enqueue(job)[1]
+
+    def _enqueue(self, job: Job) -> tuple[int, asyncio.Future]:
+        """Queue a checked job: (its place, the future of its `queued` commit)."""
         self.jobs[job.client_id] = job
         self.queue.append(job)
-        saved = self._transition(job, "queued", queue=len(self.queue))
+        position = self.queue.position(job)
+        facts = {"queue": position}
+        if job.tenant != DEFAULT_TENANT:  # whose job and its priority, in its log line, when not the defaults
+            facts["tenant"] = job.tenant
+        if job.priority:
+            facts["priority"] = job.priority
+        saved = self._transition(job, "queued", **facts)
         self._schedule_pump()
-        return saved
+        return position, saved
 
     def check_can_submit(self, client_id: str, tenant: str = DEFAULT_TENANT) -> Job | None:
         """What `submit` refuses before it looks at the request's values (a clientId with a job
@@ -495,11 +497,13 @@ class JobService:
         return self.store.save(job.client_id, job.to_record())
 
     def started(self, job: Job) -> None:
-        if job.state is JobState.RUNNING and job.started_at is None:
+        if job.state is not JobState.RUNNING:
+            return
+        if job.started_at is None:
             job.started_at = time.monotonic()
             if job.backend is not None:
                 job.backend.slot_started(job.id, job.started_at)
-        if job.state is JobState.RUNNING and not job.executing:
+        if not job.executing:
             job.executing = True
             self.hub.publish(job.client_id, job.status())
 
@@ -515,12 +519,11 @@ class JobService:
             for listener in self.preview_listeners:
                 listener(job, node_id, content_type, image)
 
-    def executed(self, job: Job, loads: dict[str, float] | None = None) -> None:
+    def executed(self, job: Job, loads: dict[str, float]) -> None:
         """The prompt ended well: learn how long it ran (`loads`: seconds its loader nodes spent,
         per model file), and hand its slot on."""
         backend = job.backend
         if backend is not None:
-            loads = loads or {}
             for model, seconds in loads.items():
                 backend.gpu.record_load(model, seconds)
             if job.started_at is not None:
