@@ -16,8 +16,9 @@ Pure: no IOLoop, no I/O.
 """
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable
 
 # The files ComfyUI's loader nodes (checkpoint, LoRA, VAE, UNet, CLIP, ControlNet, upscale
 # model...) are given: an input of a node whose class names a loader, ending like a model file.
@@ -49,19 +50,43 @@ def models_of(graph: dict) -> frozenset[str]:
     return frozenset().union(*loader_nodes(graph).values())
 
 
+def held_after(held: Iterable[str], loads: Iterable[frozenset], kept: int) -> list[str]:
+    """The files a GPU keeping the last `kept` holds, least recent first, once jobs loading each
+    of `loads` in turn have run on it (holding `held` before)."""
+    order = list(held)
+    for models in loads:
+        for model in sorted(models):
+            if model in order:
+                order.remove(model)
+            order.append(model)
+    return order[-kept:] if kept else []
+
+
+class RecentMeans:
+    """The last SAMPLES_KEPT values per key, and their mean, kept as values come (the means are
+    read for every backend and job a scheduling pass compares)."""
+
+    def __init__(self):
+        self.samples: dict = {}
+        self.means: dict = {}
+
+    def add(self, key, value: float) -> None:
+        samples = self.samples.setdefault(key, deque(maxlen=SAMPLES_KEPT))
+        samples.append(value)
+        self.means[key] = sum(samples) / len(samples)
+
+
 class GpuBelief:
     """One backend's loaded model files (most recent last) and its observed run times."""
 
     def __init__(self, kept: int):
         self.kept = kept
-        self._models: OrderedDict[str, None] = OrderedDict()
-        self._runs: dict[tuple[str, bool], deque] = {}
-        self._means: dict[tuple[str, bool], float] = {}   # of _runs, kept as they come (read per backend and job)
+        self._models: dict[str, None] = {}           # least recent first
+        self._runs = RecentMeans()                    # (workflow, warm) -> its runs' seconds, loads left out
         self._recent: deque = deque(maxlen=SAMPLES_KEPT)   # its last runs, any workflow
         self.typical_run: float | None = None              # their median
-        self._loads: dict[str, deque] = {}                 # model file -> seconds its loads took here
-        self._load_means: dict[str, float] = {}
-        self._load_mean_any: float | None = None           # the mean of those means
+        self._loads = RecentMeans()                   # model file -> seconds its loads took here
+        self._load_mean_any: float | None = None      # the mean of those means
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -70,46 +95,36 @@ class GpuBelief:
     def holds(self, model: str) -> bool:
         return model in self._models
 
-    def is_warm(self, models: frozenset[str]) -> bool:
-        return all(m in self._models for m in models)
-
     def loaded(self, models: frozenset[str]) -> None:
         """A job using these files was sent here: by the time the next one runs, they are loaded."""
-        for model in sorted(models):
-            self._models[model] = None
-            self._models.move_to_end(model)
-        while len(self._models) > self.kept:
-            self._models.popitem(last=False)
+        self._models = dict.fromkeys(held_after(self._models, [models], self.kept))
 
     def forget(self) -> None:
         """/free, out of memory, a restart: nothing is known to be loaded any more."""
         self._models.clear()
 
     def record(self, alias: str, warm: bool, seconds: float) -> None:
-        samples = self._runs.setdefault((alias, warm), deque(maxlen=SAMPLES_KEPT))
-        samples.append(seconds)
-        self._means[(alias, warm)] = sum(samples) / len(samples)
+        self._runs.add((alias, warm), seconds)
         self._recent.append(seconds)
         ordered = sorted(self._recent)
         self.typical_run = ordered[len(ordered) // 2]
 
     def record_load(self, model: str, seconds: float) -> None:
-        samples = self._loads.setdefault(model, deque(maxlen=SAMPLES_KEPT))
-        samples.append(seconds)
-        self._load_means[model] = sum(samples) / len(samples)
-        self._load_mean_any = sum(self._load_means.values()) / len(self._load_means)
+        self._loads.add(model, seconds)
+        means = self._loads.means
+        self._load_mean_any = sum(means.values()) / len(means)
 
     def load_mean(self, model: str | None = None) -> float | None:
         """This backend's mean load of `model`, or of any file it loaded (None: not seen)."""
         if model is not None:
-            return self._load_means.get(model)
+            return self._loads.means.get(model)
         return self._load_mean_any
 
     def samples(self, alias: str, warm: bool) -> deque | tuple:
-        return self._runs.get((alias, warm), ())
+        return self._runs.samples.get((alias, warm), ())
 
     def mean(self, alias: str, warm: bool) -> float | None:
-        return self._means.get((alias, warm))
+        return self._runs.means.get((alias, warm))
 
 
 @dataclass

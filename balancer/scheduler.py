@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Iterable, Sequence
 
-from .affinity import Estimator
+from .affinity import Estimator, held_after
 
 
 def can_run(job, backend) -> bool:
@@ -96,18 +96,6 @@ IDLE_MARGIN = 0.25
 WANTED_WINDOW = 64
 
 
-def held_after(backend, planned: list) -> list:
-    """The model files `backend` should hold once the jobs planned there in this pass have run,
-    least recent first: its believed ones, then each planned job's, the oldest pushed out."""
-    held = list(backend.gpu.models)
-    for models in planned:
-        for model in sorted(models):
-            if model in held:
-                held.remove(model)
-            held.append(model)
-    return held[-backend.gpu.kept:] if backend.gpu.kept else []
-
-
 class Scheduler:
     def __init__(self, slots_per_backend: int):
         self.slots_per_backend = slots_per_backend
@@ -121,9 +109,6 @@ class Scheduler:
         if limit < 2 or typical is None or typical >= REACTION_SECONDS:
             return limit
         return limit + min(EXTRA_WAITING_MAX, math.ceil(REACTION_SECONDS / max(typical, 1e-4)) - 1)
-
-    def free_slots(self, backends: Sequence) -> int:
-        return sum(max(self.capacity(b) - b.load, 0) for b in backends if b.up)
 
     def pick(self, job, backends: Sequence, now: float = 0.0):
         """The backend the job would be sent to now, or None (full or unable)."""
@@ -189,7 +174,8 @@ class Scheduler:
         """(key, index, run, cold) of the job on that backend: the smallest key wins."""
         backend = state.backends[index]
         before = state.planned.get(index, ())
-        held = (held_after(backend, before) if before else backend.gpu.models) if job.models else ()
+        held = (held_after(backend.gpu.models, before, backend.gpu.kept) if before else backend.gpu.models) \
+            if job.models else ()
         cold = job.models.difference(held)
         run = state.estimate.expected(backend, job.alias, cold)
         end = state.ready[index] + run + self._eviction_cost(state.estimate, backend, before, held, cold, job,
@@ -202,7 +188,7 @@ class Scheduler:
         pushed-out model that other jobs near the front of the queue want."""
         if not cold or not any(wanted[m] > 0 for m in held if m not in job.models):
             return 0.0
-        pushed = set(held).difference(held_after(backend, [*planned, job.models]))
+        pushed = set(held).difference(held_after(backend.gpu.models, [*planned, job.models], backend.gpu.kept))
         return sum(estimate.load_time(backend, m) for m in pushed if wanted[m] > 0)
 
 

@@ -100,7 +100,6 @@ def test_plan_skips_a_job_no_free_backend_can_run_and_places_the_next():
 
 def test_plan_is_empty_without_a_free_slot():
     fleet = backends(2, load=1)
-    assert Scheduler(1).free_slots(fleet) == 0
     assert Scheduler(1).plan([FakeJob()] * 3, fleet, 0.0) == []
 
 
@@ -208,6 +207,13 @@ def test_models_of_names_the_files_loader_nodes_load_and_nothing_else():
     assert models_of({"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}}) == frozenset()
 
 
+def test_held_after_is_the_gpus_lru():
+    from balancer.affinity import held_after
+    assert held_after(["a", "b"], [frozenset({"a"}), frozenset({"c"})], 2) == ["a", "c"]
+    assert held_after(["a"], [frozenset({"b", "c"})], 1) == ["c"]      # a job's own files: in name order
+    assert held_after(["a"], [], 0) == []
+
+
 def test_the_belief_keeps_the_last_models_used_and_forgets_all_after_a_free():
     gpu = GpuBelief(2)
     gpu.loaded(frozenset({"a"}))
@@ -215,8 +221,7 @@ def test_the_belief_keeps_the_last_models_used_and_forgets_all_after_a_free():
     gpu.loaded(frozenset({"a"}))          # a used again: b is now the oldest
     gpu.loaded(frozenset({"c"}))
     assert gpu.models == ("a", "c")
-    assert gpu.is_warm(frozenset({"a", "c"})) and not gpu.is_warm(frozenset({"b"}))
-    assert gpu.is_warm(frozenset())       # a job that loads nothing is warm anywhere
+    assert gpu.holds("a") and gpu.holds("c") and not gpu.holds("b")
     gpu.forget()
     assert gpu.models == ()
 

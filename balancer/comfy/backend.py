@@ -144,9 +144,6 @@ class Backend:
             total += expected_s if slot.started is None else max(expected_s - (now - slot.started), 0.0)
         return total
 
-    def mean_duration(self, alias: str) -> float | None:
-        return self.stats.mean_duration(alias)
-
     def record_completed(self, alias: str, seconds: float) -> None:
         self.stats.completed += 1
         self.stats.since_free += 1
