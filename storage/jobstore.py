@@ -81,12 +81,7 @@ class JobStore:
         return db
 
     def _read_all(self) -> tuple[list[dict], int | None]:
-        records = []
-        for client_id, raw in self._db.execute("SELECT client_id, record FROM jobs"):
-            try:
-                records.append(ujson.loads(raw))
-            except ValueError:
-                log.error("unreadable job record for clientId %s skipped", client_id)
+        records = _decoded(self._db.execute("SELECT client_id, record FROM jobs"), "job record for clientId")
         row = self._db.execute("SELECT value FROM meta WHERE key='generation_count'").fetchone()
         return records, (int(row[0]) if row else None)
 
@@ -95,26 +90,15 @@ class JobStore:
         return self._thread.submit(self._read_deliveries).result()
 
     def _read_deliveries(self) -> list[dict]:
-        found = []
-        for delivery_id, raw in self._db.execute("SELECT id, delivery FROM webhooks ORDER BY rowid"):
-            try:
-                found.append(ujson.loads(raw))
-            except ValueError:
-                log.error("unreadable webhook delivery %s skipped", delivery_id)
-        return found
+        return _decoded(self._db.execute("SELECT id, delivery FROM webhooks ORDER BY rowid"), "webhook delivery")
 
     def records(self, kind: str) -> list[dict]:
         """Every stored record of `kind`, oldest first (start-up, blocking, after `open`)."""
         return self._thread.submit(self._read_records, kind).result()
 
     def _read_records(self, kind: str) -> list[dict]:
-        found = []
-        for key, raw in self._db.execute("SELECT key, record FROM records WHERE kind=? ORDER BY updated", (kind,)):
-            try:
-                found.append(ujson.loads(raw))
-            except ValueError:
-                log.error("unreadable %s record %s skipped", kind, key)
-        return found
+        return _decoded(self._db.execute("SELECT key, record FROM records WHERE kind=? ORDER BY updated", (kind,)),
+                        f"{kind} record")
 
     # ------------------------------------------------------------------ writes
     def save(self, client_id: str, record: dict | None, generation_count: int | None = None) -> asyncio.Future:
@@ -206,3 +190,14 @@ class JobStore:
         if self._db is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
         self._thread.shutdown(wait=True)
+
+
+def _decoded(rows, what: str) -> list[dict]:
+    """The JSON of each (key, text) row; an unreadable one is logged and skipped."""
+    found = []
+    for key, raw in rows:
+        try:
+            found.append(ujson.loads(raw))
+        except ValueError:
+            log.error("unreadable %s %s skipped", what, key)
+    return found

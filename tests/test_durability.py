@@ -215,3 +215,30 @@ def test_sweep_removes_only_expired_and_unreferenced(tmp_path, caplog):
     assert uploads.exists(referenced_old) and uploads.exists(fresh) and not uploads.exists(old)
     assert results.job_dir(kept_by_job).exists() and results.job_dir(recent).exists()
     assert old in caplog.text and expired in caplog.text
+
+
+async def test_an_unreadable_row_of_any_table_is_skipped_and_the_rest_read(tmp_path, caplog):
+    import sqlite3
+
+    from storage.jobstore import JobStore
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    store.open()
+    await store.close()
+    db = sqlite3.connect(path)
+    db.executescript("""
+        INSERT INTO jobs VALUES ('good', '{"client_id": "good"}', 0), ('bad', '{not json', 0);
+        INSERT INTO webhooks VALUES ('w1', '{"id": "w1"}', 0), ('w2', '[', 0);
+        INSERT INTO records VALUES ('keys', 'k1', '{"key": "k1"}', 0), ('keys', 'k2', 'nope', 1);""")
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    records, _ = store.open()
+    try:
+        assert records == [{"client_id": "good"}]
+        assert store.deliveries() == [{"id": "w1"}]
+        assert store.records("keys") == [{"key": "k1"}]
+    finally:
+        await store.close()
+    logged = caplog.text
+    assert "job record for clientId bad" in logged and "webhook delivery w2" in logged and "keys record k2" in logged
