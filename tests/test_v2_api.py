@@ -258,9 +258,11 @@ async def test_idempotency_replay_reuse_conflict_and_refusals_not_recorded(v2, s
         api.close()
 
 
-async def read_stream(api, job_id: str, timeout: float = TIMEOUT) -> list[tuple[str, object]]:
-    """The frames of one events stream, to its end: (event, data) and (':', comment)."""
-    chunks = []
+async def read_stream(api, job_id: str, timeout: float = TIMEOUT,
+                      chunks: list | None = None) -> list[tuple[str, object]]:
+    """The frames of one events stream, to its end: (event, data) and (':', comment); `chunks`
+    gets the raw chunks as they arrive (to wait for a frame while the stream goes on)."""
+    chunks = [] if chunks is None else chunks
     response = await api.http.fetch(f"{api.base}/api/v2/jobs/{job_id}/events", headers={
         "Authorization": f"Bearer {KEY}", "Accept": "text/event-stream"}, request_timeout=timeout,
         streaming_callback=chunks.append, raise_error=False)
@@ -275,7 +277,9 @@ async def read_stream(api, job_id: str, timeout: float = TIMEOUT) -> list[tuple[
     return frames
 
 
-async def test_events_snapshot_first_outputs_before_the_end_and_keep_alives(v2, monkeypatch):
+async def test_events_snapshot_first_outputs_before_the_end_among_keep_alives(v2, monkeypatch):
+    # Keep-alive comments every 50 ms fall between the events: the order below holds among them
+    # (that they are sent at all: test_a_quiet_stream_sends_keep_alive_comments).
     monkeypatch.setattr(v2_jobs, "KEEPALIVE", 0.05)
     picture = await image(v2)
     job, _ = await submit(v2, {"workflow": graph(picture, steps=15)})
@@ -312,9 +316,11 @@ async def test_a_quiet_stream_sends_keep_alive_comments(sim_factory, bridge_fact
 
 async def test_cancel_on_the_wire_is_idempotent_and_streams_see_canceling(v2):
     job, _ = await submit(v2, {"workflow": graph(await image(v2), steps=500)})
-    stream = asyncio.ensure_future(read_stream(v2, job["id"]))
-    await wait_for(lambda: v2.running.service.get(f"v2.{job['id']}").executing, TIMEOUT, what="running")
-    await asyncio.sleep(0.05)
+    chunks: list[bytes] = []
+    stream = asyncio.ensure_future(read_stream(v2, job["id"], chunks=chunks))
+    # The stream says `canceling` only to a client that saw the job running: wait until it has.
+    await wait_for(lambda: b'"status":"running"' in b"".join(chunks).replace(b" ", b""), TIMEOUT,
+                   what="the stream to say running")
     canceled = check(await v2.fetch(f"/api/v2/jobs/{job['id']}/cancel", "POST"), "/api/v2/jobs/{id}/cancel", "post")
     assert canceled["status"] == "canceled" and canceled["error"]["code"] == "canceled"
     again = check(await v2.fetch(f"/api/v2/jobs/{job['id']}/cancel", "POST"), "/api/v2/jobs/{id}/cancel", "post")
@@ -461,7 +467,16 @@ async def test_v2_jobs_belong_to_the_tenant_of_their_key(sim, bridge_factory):
         assert ujson.loads((await b.fetch("/api/v2/jobs")).body)["jobs"] == []
         other, response = await submit(b, {"workflow": graph(await image(b))}, key="same-key")
         assert other["id"] != job["id"] and response.headers.get("Idempotency-Replayed") != "true"
-        assert (await finished(a, job["id"]))["status"] == "succeeded"
+        done = await finished(a, job["id"])
+        assert done["status"] == "succeeded"
+        # Its outputs are its tenant's too: by id, as an asset, as content, as another job's input.
+        output_id = done["outputs"][0]["id"]
+        assert (await a.fetch(f"/api/v2/assets/{output_id}/content")).code == 200
+        assert (await b.fetch(f"/api/v2/assets/{output_id}")).code == 404
+        assert (await b.fetch(f"/api/v2/assets/{output_id}/content")).code == 404
+        reuse = {"workflow": graph({"__type": "core/ASSET", "info": {"id": output_id}})}
+        refused, _ = await submit(b, reuse, expect=422)
+        assert refused["error"]["code"] == "missing_asset"
         status = ujson.loads((await a.fetch("/status")).body)
         assert set(status["tenants"]) >= {"a", "b"}
     finally:

@@ -35,6 +35,11 @@ def _hash_file(path: Path) -> str | None:
     return hasher.hexdigest()
 
 
+def key_kind(what: str, tenant: str) -> str:
+    """Where a tenant's Idempotency-Keys for `what` (jobs, assets) are kept: each tenant's its own."""
+    return what if tenant == DEFAULT_TENANT else f"{what}/{tenant}"
+
+
 class V2Surface:
     def __init__(self, settings, service, assets, store, hub):
         self.settings = settings
@@ -113,13 +118,13 @@ class V2Surface:
         """(the job object, replayed). With a key, the answer is recorded before it is given.
         Keys are the tenant's own: two tenants may use the same one."""
         print_ = fingerprint(body) if key is not None else None
-        kind = "jobs" if tenant == DEFAULT_TENANT else f"jobs/{tenant}"
+        kind = key_kind("jobs", tenant)
         if key is not None:
             recorded = self.keys.begin(kind, key, print_)
             if recorded is not None:
                 return recorded["body"], True
         try:
-            job = build_job(body, self.assets, self.output_path, self.service.backends,
+            job = build_job(body, self.assets, lambda asset_id: self.output_path(asset_id, tenant), self.service.backends,
                             self.settings.v2_allowed_node_classes)
             job.tenant = tenant
             try:
@@ -172,17 +177,18 @@ class V2Surface:
             raise V2Refused("invalid_cursor", "cursor was not issued by this server") from None
 
     # ------------------------------------------------------------------ outputs as assets
-    def output(self, asset_id: str) -> tuple[Job, int] | None:
+    def output(self, asset_id: str, tenant: str = DEFAULT_TENANT) -> tuple[Job, int] | None:
+        """(job, index) of an output asset of the tenant's own v2 jobs."""
         parsed = parse_output_id(asset_id)
         if parsed is None:
             return None
-        job = self.service.get(client_id_of(parsed[0]))
+        job = self.service.get(client_id_of(parsed[0]), tenant)
         if job is None or job.v2 is None or parsed[1] >= len(job.results):
             return None
         return job, parsed[1]
 
-    def output_path(self, asset_id: str) -> Path | None:
-        found = self.output(asset_id)
+    def output_path(self, asset_id: str, tenant: str = DEFAULT_TENANT) -> Path | None:
+        found = self.output(asset_id, tenant)
         return found[0].results[found[1]].path if found else None
 
     def files_in_use(self) -> set[Path]:

@@ -13,6 +13,7 @@ from tornado.iostream import StreamClosedError
 
 from balancer.v2.errors import V2Refused
 from balancer.v2.idempotency import check_key
+from balancer.v2.surface import key_kind
 from balancer.v2.view import asset_view, output_asset_view
 from storage.assets import parse_hash
 from storage.multipart import UploadError
@@ -63,7 +64,8 @@ class AssetsHandler(V2Handler):
             raise V2Refused("payload_too_large", f"upload is {int(declared)} bytes; the limit is "
                                                  f"{self.config.upload_max_size} MB (UPLOAD_MAX_SIZE)")
         key = check_key(self.request.headers.get("Idempotency-Key"))
-        self._recorded = self.v2.keys.begin("assets", key, None) if key is not None else None
+        self._kind = key_kind("assets", self.tenant)
+        self._recorded = self.v2.keys.begin(self._kind, key, None) if key is not None else None
         self._key = key if self._recorded is None else None   # ours to finish or abandon
         try:
             self.receiver = self.v2.assets.receiver(self.request.headers.get("Content-Type", ""))
@@ -100,7 +102,7 @@ class AssetsHandler(V2Handler):
         if self._recorded is not None:
             self.set_header("Idempotency-Replayed", "true")
         elif self._key is not None:
-            await self.v2.keys.finish("assets", self._key, answer["hash"] + answer["file_path"], status, answer)
+            await self.v2.keys.finish(self._kind, self._key, answer["hash"] + answer["file_path"], status, answer)
         self.write_json(answer, status)
 
     def _store(self, saved: dict[str, str], received) -> tuple[dict, int]:
@@ -127,7 +129,7 @@ class AssetsHandler(V2Handler):
 
     def _abandon(self) -> None:
         if self._key is not None:
-            self.v2.keys.abandon("assets", self._key)
+            self.v2.keys.abandon(self._kind, self._key)
             self._key = None
 
     def _error(self, exc: Exception) -> Exception:
@@ -181,7 +183,7 @@ class AssetHandler(V2Handler):
     def delete(self, asset_id: str) -> None:
         asset = self.v2.assets.get(asset_id)
         if asset is None:
-            if self.v2.output(asset_id) is not None:
+            if self.v2.output(asset_id, self.tenant) is not None:
                 raise V2Refused("forbidden", "a job's outputs are removed with the job, at its expires_at")
             raise V2Refused("not_found", f"no asset {asset_id[:64]!r}")
         self.v2.assets.delete(asset, self.v2.files_in_use())
@@ -193,7 +195,7 @@ class AssetHandler(V2Handler):
         asset = self.v2.assets.get(asset_id)
         if asset is not None:
             return asset_view(asset, self.origin, ttl, now)
-        output = self.v2.output(asset_id)
+        output = self.v2.output(asset_id, self.tenant)
         if output is not None:
             return output_asset_view(*output, self.origin, ttl, now)
         raise V2Refused("not_found", f"no asset {asset_id[:64]!r} (never stored, deleted, or past its expires_at)")
@@ -205,7 +207,7 @@ class AssetContentHandler(V2Handler):
         if asset is not None:
             path, size, content_type = self.v2.assets.path(asset), asset.size, asset.content_type
         else:
-            output = self.v2.output(asset_id)
+            output = self.v2.output(asset_id, self.tenant)
             if output is None:
                 raise V2Refused("not_found", f"no asset {asset_id[:64]!r}")
             result = output[0].results[output[1]]
