@@ -9,6 +9,7 @@ two lists match and that `.env.example` names every key.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -301,9 +302,10 @@ class Settings:
     v2_api: bool
     v2_allowed_node_classes: frozenset[str]
 
-    @property
+    @functools.cached_property
     def api_keys(self) -> dict[str, str]:
-        """Tenant name -> its key: BRIDGE_API_KEY's is 'default'. Empty: no key is asked for."""
+        """Tenant name -> its key: BRIDGE_API_KEY's is 'default'. Empty: no key is asked for.
+        (Read on every request: built once.)"""
         from balancer.jobs import DEFAULT_TENANT
         keys = {DEFAULT_TENANT: self.bridge_api_key} if self.bridge_api_key else {}
         keys.update(self.bridge_api_keys)
@@ -426,7 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--key-name` flag per option; values given there override the environment."""
     for opt in OPTIONS:
         default = opt.default or "(empty)"
-        if opt.key in ("BRIDGE_API_KEY", "BRIDGE_API_KEYS", "WEBHOOK_SECRET"):
+        if opt.key in SECRET_OPTIONS:
             default = "(none)"
         parser.add_argument(
             "--" + opt.key.lower().replace("_", "-"), dest=opt.key, metavar=opt.key,

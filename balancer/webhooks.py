@@ -200,7 +200,8 @@ class WebhookSender:
             self.counters["retried"] += 1
             log.info("webhook %s for clientId %s: attempt %d failed (%s); next in %.0f s", delivery["id"],
                      delivery["client_id"], delivery["attempts"], result, delay)
-            self.store.save_delivery(delivery["id"], dict(delivery))
+            # Not saved again per attempt: the row holds the body (MBs of base64); a restart only
+            # starts the backoff over, and giving up still counts from `created`.
             await asyncio.sleep(delay)
         self.counters[result] += 1
         level = logging.INFO if result == "delivered" else logging.WARNING
