@@ -28,7 +28,6 @@ WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LAG_PROBE_INTERVAL = 0.05  # seconds between probes: 20 cheap callbacks a second
 OUTCOMES = ("done", "failed", "cancelled")
-_CANCEL_MEMORY = 10_000
 
 
 class BridgeMetrics:
@@ -81,7 +80,6 @@ class BridgeMetrics:
         r.register(_StateCollector(service, hub, state))
         if webhooks is not None:
             r.register(_WebhookCollector(webhooks))
-        self._cancelled: set[str] = set()  # job ids whose "failed" event follows their "cancelled"
         service.observers.append(self.on_job_event)
 
     def start(self) -> None:
@@ -116,17 +114,12 @@ class BridgeMetrics:
             self.jobs.labels(workflow, "done").inc()
             self._observe_duration(job, backend, "done", detail.get("duration"))
         elif event == "cancelled":
-            # The service follows "cancelled" with "failed" (reason: interrupted); count it once.
-            if len(self._cancelled) >= _CANCEL_MEMORY:
-                self._cancelled.clear()
-            self._cancelled.add(job.id)
             self.jobs.labels(workflow, "cancelled").inc()
             if detail.get("was") == "running":
                 self._observe_duration(job, job.backend or job.last_backend, "cancelled")
         elif event == "failed":
-            if job.id in self._cancelled:
-                self._cancelled.discard(job.id)
-                return
+            if detail.get("cancelled"):
+                return  # the end of a cancel, counted at its "cancelled"
             self.jobs.labels(workflow, "failed").inc()
             self._observe_duration(job, backend or job.last_backend, "failed")
         elif event == "expired":

@@ -241,7 +241,7 @@ class JobService:
                 self._spawn(api.stop_prompt(backend, prompt_id))
             if job.task is not None and job.task is not asyncio.current_task():
                 job.task.cancel()
-        self._fail(job, reason)
+        self._fail(job, reason, cancelled=True)   # observers count the end once: it was a cancel
         self._schedule_pump()
         return True
 

@@ -93,7 +93,6 @@ class WebhookSender:
         self.key = secret_key(settings.webhook_secret) if settings.webhook_secret else None
         self.counters: Counter[str] = Counter({name: 0 for name in OUTCOMES})
         self.pending: dict[str, asyncio.Task] = {}
-        self._cancelled: set[str] = set()           # job ids whose "failed" follows their "cancelled"
         self._client: httpclient.AsyncHTTPClient | None = None
         self._closing = False
 
@@ -116,13 +115,9 @@ class WebhookSender:
             log.exception("webhook: could not queue the event %s of job %s", event, getattr(job, "id", "?"))
 
     def _on_event(self, event: str, job, detail: dict) -> None:
-        if event == "cancelled":  # the service follows it with "failed" (reason: interrupted)
-            self._cancelled.add(job.id)
-            return
         if event not in ("done", "failed"):
             return
-        cancelled = event == "failed" and job.id in self._cancelled
-        self._cancelled.discard(job.id)
+        cancelled = detail.get("cancelled", False)   # a "failed" that ends a cancel
         if not job.webhook or self.key is None:
             return
         if event == "done":
