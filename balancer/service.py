@@ -116,12 +116,9 @@ class JobService:
     async def submit(self, client_id: str, alias: str, values: dict, webhook=None,
                      tenant: str = DEFAULT_TENANT, priority: int = 0) -> int:
         """Queue a job; returns its place in the queue once the job is on disk. `webhook`: a URL
-        the job's end is posted to (else WEBHOOK_URL, if set); `tenant`: whose job it is (its
-        API key's name); `priority`: its order among the tenant's own jobs (higher first)."""
-        if webhook is not None:  # first: it may await DNS, and what follows must not be stale
-            if self.webhooks is None:
-                raise Refused("webhook: this bridge sends no webhooks")
-            webhook = await self.webhooks.check(webhook)
+        `check_webhook` accepted, the job's end is posted to (else WEBHOOK_URL, if set); `tenant`:
+        whose job it is (its API key's name); `priority`: its order among the tenant's own jobs
+        (higher first)."""
         current = self.check_can_submit(client_id, tenant)
         job = self.intake.build(client_id, alias, values, self.backends)
         job.webhook = webhook or self.settings.webhook_url or None
@@ -134,6 +131,15 @@ class JobService:
             self.hub.publish(client_id, job.status(position, waiting))
         await saved
         return position
+
+    async def check_webhook(self, webhook) -> str | None:
+        """A generate's `webhook` option, checked (it may await DNS): the URL to post to, or
+        Refused. Before anything a refusal would waste (fetching inputs given by URL)."""
+        if webhook is None:
+            return None
+        if self.webhooks is None:
+            raise Refused("webhook: this bridge sends no webhooks")
+        return await self.webhooks.check(webhook)
 
     def submit_job(self, job: Job) -> asyncio.Future:
         """Queue a job built elsewhere (the v2 surface builds one from a whole graph) under the

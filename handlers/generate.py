@@ -70,6 +70,7 @@ class GenerateHandler(HistoryAnswer, JsonHandler):
             priority = parse_priority(body.pop("priority", 0))
             # File inputs by URL or inline become stored uploads first: the core sees uploads only.
             # A refusal that does not depend on them comes before the fetches it would waste.
+            webhook = await self.service.check_webhook(webhook)
             self.service.check_can_submit(client_id, self.tenant)
             await self.application.settings["remote_inputs"].resolve(alias, body)
             position = await self.service.submit(client_id, alias, body, webhook=webhook, tenant=self.tenant,

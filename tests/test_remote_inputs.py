@@ -238,3 +238,12 @@ async def test_a_busy_client_id_is_refused_before_its_url_input_is_fetched(allow
     assert "already has a job" in str(answer)
     assert served == []   # the refusal did not wait for, nor cost, a fetch
     await api.json(f"/interrupt?clientId={busy}", "POST")
+
+
+async def test_a_refused_webhook_is_refused_before_the_url_input_is_fetched(allowed, files):
+    _, api = allowed
+    base, _, served, _ = files
+    answer = await api.generate(new_client_id(), {"workflow": "invert", "1/image": f"{base}/image.png",
+                                                  "webhook": "ftp://hooks.example.com/x"}, expect=400)
+    assert "webhook" in str(answer)
+    assert served == []   # the refusal did not wait for, nor cost, a fetch
